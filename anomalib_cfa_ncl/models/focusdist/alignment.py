@@ -1,0 +1,190 @@
+"""Coarse alignment for FocusDist: spatial transformers that predict bounded similarity transforms.
+
+Transforms are kept as normalised ``(B, 2, 3)`` affine matrices in the convention of
+:func:`torch.nn.functional.affine_grid`: an output location ``y`` (normalised to ``[-1, 1]``) samples the
+input at ``theta @ [y, 1]``. Normalised coordinates do not depend on the resolution, so the transform
+predicted on an image applies unchanged to any feature map of that image, and the transforms of successive
+stages compose by matrix products. Their inverses are closed-form, which keeps the eval path exportable
+(ONNX has no matrix inverse operator).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+IMAGE_POOL_SIZE = 32
+FEATURE_POOL_SIZE = 16
+
+
+def similarity_theta(params: torch.Tensor, max_angle: float, max_log_scale: float, max_shift: float) -> torch.Tensor:
+    """Turn unbounded parameters into a bounded similarity transform.
+
+    Args:
+        params (torch.Tensor): Raw parameters ``(angle, log-scale, shift x, shift y)``, shape ``(B, 4)``.
+            Zeros give the identity.
+        max_angle (float): Largest rotation, in radians.
+        max_log_scale (float): Largest ``|log(scale)|``.
+        max_shift (float): Largest translation in normalised units (``0.5`` is a quarter of the side).
+
+    Returns:
+        torch.Tensor: Affine matrices, shape ``(B, 2, 3)``.
+    """
+    angle = max_angle * torch.tanh(params[:, 0])
+    scale = torch.exp(max_log_scale * torch.tanh(params[:, 1]))
+    shift = max_shift * torch.tanh(params[:, 2:4])
+    cos, sin = scale * torch.cos(angle), scale * torch.sin(angle)
+    row0 = torch.stack([cos, -sin, shift[:, 0]], dim=1)
+    row1 = torch.stack([sin, cos, shift[:, 1]], dim=1)
+    return torch.stack([row0, row1], dim=1)
+
+
+def identity_theta(batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Identity affine matrices, shape ``(B, 2, 3)``."""
+    return torch.eye(2, 3, device=device, dtype=dtype).expand(batch_size, 2, 3)
+
+
+def compose_theta(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Compose two warps: warping by ``outer`` and then by ``inner`` equals one warp by the result.
+
+    Warping ``x`` by ``outer`` gives ``u(y) = x(A_o y)``; warping ``u`` by ``inner`` gives
+    ``x(A_o A_i y)``, so the composed matrix is ``A_o @ A_i`` in homogeneous form.
+
+    Args:
+        outer (torch.Tensor): First warp, shape ``(B, 2, 3)``.
+        inner (torch.Tensor): Second warp, shape ``(B, 2, 3)``.
+
+    Returns:
+        torch.Tensor: The composed warp, shape ``(B, 2, 3)``.
+    """
+    linear = outer[:, :, :2] @ inner[:, :, :2]
+    shift = outer[:, :, :2] @ inner[:, :, 2:] + outer[:, :, 2:]
+    return torch.cat([linear, shift], dim=2)
+
+
+def invert_theta(theta: torch.Tensor) -> torch.Tensor:
+    """Closed-form inverse of affine matrices (exportable, unlike ``torch.linalg.inv``).
+
+    Args:
+        theta (torch.Tensor): Affine matrices, shape ``(B, 2, 3)``.
+
+    Returns:
+        torch.Tensor: Inverse affine matrices, shape ``(B, 2, 3)``.
+    """
+    a, b, tx = theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2]
+    c, d, ty = theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2]
+    det = a * d - b * c
+    ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
+    row0 = torch.stack([ia, ib, -(ia * tx + ib * ty)], dim=1)
+    row1 = torch.stack([ic, id_, -(ic * tx + id_ * ty)], dim=1)
+    return torch.stack([row0, row1], dim=1)
+
+
+def warp(
+    tensor: torch.Tensor,
+    theta: torch.Tensor,
+    size: tuple[int, int] | None = None,
+    padding_mode: str = "border",
+) -> torch.Tensor:
+    """Warp a batch of images or feature maps by normalised affine matrices.
+
+    Args:
+        tensor (torch.Tensor): Input, shape ``(B, C, H, W)``.
+        theta (torch.Tensor): Affine matrices, shape ``(B, 2, 3)``.
+        size (tuple[int, int] | None): Output ``(h, w)``; the input's size when ``None``. Resampling to another
+            size in the same call avoids a second interpolation.
+        padding_mode (str): ``"border"``, ``"reflection"`` or ``"zeros"``.
+
+    Returns:
+        torch.Tensor: Warped tensor, shape ``(B, C, h, w)``.
+    """
+    height, width = size if size is not None else tensor.shape[-2:]
+    grid = F.affine_grid(theta.to(tensor.dtype), [tensor.shape[0], tensor.shape[1], height, width], align_corners=False)
+    return F.grid_sample(tensor, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+class SimilarityTransformer(nn.Module):
+    """Spatial transformer that predicts one bounded similarity transform per input.
+
+    The localisation network looks at a fixed-size pooled copy of the input (so its cost does not grow with
+    the resolution) and its last layer starts at zero, so the first transform is the identity.
+
+    Args:
+        in_channels (int): Channels of the input (3 for images).
+        pool_size (int): Side of the pooled copy the localisation network sees.
+        hidden (int): Width of the first convolution.
+        max_angle (float): Largest rotation, in radians.
+        max_scale (float): Largest zoom factor; the scale lies in ``[1 / max_scale, max_scale]``.
+        max_shift (float): Largest translation as a fraction of the side.
+
+    Example:
+        >>> stn = SimilarityTransformer(in_channels=3)
+        >>> theta = stn(torch.rand(2, 3, 64, 64))
+        >>> theta.shape
+        torch.Size([2, 2, 3])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        pool_size: int = IMAGE_POOL_SIZE,
+        hidden: int = 16,
+        max_angle: float = math.pi / 4,
+        max_scale: float = 1.25,
+        max_shift: float = 0.25,
+    ) -> None:
+        super().__init__()
+        self.max_angle = max_angle
+        self.max_log_scale = math.log(max_scale)
+        self.max_shift = 2 * max_shift  # normalised coordinates span 2 per side
+        flat = 2 * hidden * (pool_size // 4) ** 2
+        self.localisation = nn.Sequential(
+            nn.AdaptiveAvgPool2d(pool_size),
+            nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(hidden, 2 * hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * hidden),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(flat, 64),
+            nn.ReLU(inplace=True),
+        )
+        self.head = nn.Linear(64, 4)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.last_theta: torch.Tensor | None = None
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Predict the transform that aligns each input.
+
+        Args:
+            tensor (torch.Tensor): Images or feature maps, shape ``(B, C, H, W)``.
+
+        Returns:
+            torch.Tensor: Affine matrices for :func:`warp`, shape ``(B, 2, 3)``.
+        """
+        params = self.head(self.localisation(tensor))
+        return similarity_theta(params, self.max_angle, self.max_log_scale, self.max_shift)
+
+    def warp_output_hook(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook for a backbone stage: align its output so the next stage consumes aligned features.
+
+        A bound method (not a closure) so that ``copy.deepcopy`` of the model keeps hook and transformer together.
+        The transform is kept in ``last_theta`` for :meth:`pop_theta`.
+        """
+        self.last_theta = self(output)
+        return warp(output, self.last_theta, padding_mode="border")
+
+    def pop_theta(self) -> torch.Tensor:
+        """Return and forget the transform of the last hooked forward pass, shape ``(B, 2, 3)``."""
+        theta, self.last_theta = self.last_theta, None
+        if theta is None:
+            msg = "The feature transformer's stage did not run: the backbone must compute every selected layer."
+            raise RuntimeError(msg)
+        return theta

@@ -1,0 +1,42 @@
+"""Anomaly map of FocusDist: distance map back in the input's coordinates, upsampled and blurred."""
+
+from __future__ import annotations
+
+import torch
+from anomalib.models.components import GaussianBlur2d
+from torch import nn
+
+from .alignment import invert_theta, warp
+
+
+class AnomalyMapGenerator(nn.Module):
+    """Warp a distance map from the aligned frame back to the input image, upsample and blur it.
+
+    Args:
+        sigma (float): Standard deviation of the Gaussian blur, in output pixels.
+
+    Example:
+        >>> generator = AnomalyMapGenerator()
+        >>> theta = torch.eye(2, 3).expand(2, 2, 3)
+        >>> generator(torch.rand(2, 32, 32), theta, (256, 256)).shape
+        torch.Size([2, 1, 256, 256])
+    """
+
+    def __init__(self, sigma: float = 4.0) -> None:
+        super().__init__()
+        kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
+        self.blur = GaussianBlur2d(kernel_size=(kernel_size, kernel_size), sigma=(sigma, sigma), channels=1)
+
+    def forward(self, distance: torch.Tensor, theta: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """Compute the anomaly map.
+
+        Args:
+            distance (torch.Tensor): Distances in the aligned frame, shape ``(B, h, w)``.
+            theta (torch.Tensor): The total alignment, input frame to aligned frame, shape ``(B, 2, 3)``.
+            image_size (tuple[int, int]): ``(H, W)`` of the input image.
+
+        Returns:
+            torch.Tensor: Anomaly map aligned with the input pixels, shape ``(B, 1, H, W)``.
+        """
+        anomaly_map = warp(distance.unsqueeze(1), invert_theta(theta), size=image_size, padding_mode="border")
+        return self.blur(anomaly_map)

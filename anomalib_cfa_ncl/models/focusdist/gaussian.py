@@ -1,0 +1,122 @@
+"""Streaming per-location Gaussian for FocusDist's scoring.
+
+Running sums in float64 per location make the fit memory independent of the number of training images and
+let several processes fit one Gaussian by summing their sums. The precision matrices are stored in float16,
+each location scaled by its largest entry so the range never overflows; this halves the statistics
+(1024 locations x 176^2 x 2 bytes = 63 MB at 256x256 input) at a measured, negligible cost in accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from anomalib.models.components.base import DynamicBufferMixin
+
+STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+class StreamingGaussian(DynamicBufferMixin):
+    """Per-location mean and inverse covariance fitted from running float64 sums.
+
+    Args:
+        regularization (float): Ridge added to every covariance, relative to the mean feature variance over
+            all locations, so the covariance stays invertible with few or near-constant images.
+        storage_dtype (str): ``"float16"`` or ``"float32"``, the dtype of the stored precision matrices.
+
+    Example:
+        >>> gaussian = StreamingGaussian()
+        >>> gaussian.update(torch.randn(8, 4, 3, 3))
+        >>> gaussian.finalize()
+        >>> gaussian.mahalanobis(torch.randn(2, 4, 3, 3)).shape
+        torch.Size([2, 3, 3])
+    """
+
+    def __init__(self, regularization: float = 0.01, storage_dtype: str = "float16") -> None:
+        super().__init__()
+        if storage_dtype not in STORAGE_DTYPES:
+            msg = f"statistics_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}."
+            raise ValueError(msg)
+        self.regularization = regularization
+        self.storage_dtype = STORAGE_DTYPES[storage_dtype]
+        self.register_buffer("mean", torch.empty(0))
+        self.register_buffer("precision", torch.empty(0, dtype=self.storage_dtype))
+        self.register_buffer("precision_scale", torch.empty(0))
+        self.mean: torch.Tensor
+        self.precision: torch.Tensor
+        self.precision_scale: torch.Tensor
+        self.reset()
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether statistics have been fitted (or loaded)."""
+        return self.mean.numel() > 0
+
+    def reset(self) -> None:
+        """Forget the running sums (the fitted statistics stay until :meth:`finalize`)."""
+        self.count = torch.zeros((), dtype=torch.float64)
+        self.running_sum: torch.Tensor | None = None
+        self.running_outer: torch.Tensor | None = None
+
+    def update(self, embedding: torch.Tensor) -> None:
+        """Add a batch of embeddings to the running sums.
+
+        Args:
+            embedding (torch.Tensor): Features, shape ``(B, D, H, W)``.
+        """
+        batch, dim = embedding.shape[:2]
+        x = embedding.detach().reshape(batch, dim, -1).permute(2, 0, 1).to(torch.float64)  # (L, B, D)
+        if self.running_sum is None:
+            self.count = self.count.to(x.device)
+            self.running_sum = torch.zeros(x.shape[0], dim, dtype=torch.float64, device=x.device)
+            self.running_outer = torch.zeros(x.shape[0], dim, dim, dtype=torch.float64, device=x.device)
+        self.count += batch
+        self.running_sum += x.sum(dim=1)
+        self.running_outer += x.transpose(1, 2) @ x
+
+    def finalize(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Turn the running sums into mean and precision buffers.
+
+        Args:
+            reduce (Callable | None): Sums a tensor over processes (distributed training); ``None`` in a single
+                process. Every process must call it, also one that saw no image.
+
+        Raises:
+            ValueError: If no image was seen at all.
+        """
+        if reduce is not None:
+            self.count = reduce(self.count)
+            self.running_sum = reduce(self.running_sum)
+            self.running_outer = reduce(self.running_outer)
+        count = float(self.count)
+        if count == 0 or self.running_sum is None:
+            msg = "FocusDist saw no training image: give a training set with at least one normal image."
+            raise ValueError(msg)
+        mean = self.running_sum / count
+        covariance = (self.running_outer - count * mean.unsqueeze(2) * mean.unsqueeze(1)) / max(count - 1.0, 1.0)
+        covariance = 0.5 * (covariance + covariance.transpose(1, 2))
+        variance = torch.diagonal(covariance, dim1=1, dim2=2).clamp_min(0)
+        ridge = self.regularization * variance.mean() + 1e-6
+        identity = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
+        precision = torch.cholesky_inverse(torch.linalg.cholesky(covariance + ridge * identity))
+        scale = precision.abs().amax(dim=(1, 2))
+        self.mean = mean.float()
+        self.precision = (precision / scale[:, None, None]).to(self.storage_dtype)
+        self.precision_scale = scale.float()
+        self.reset()
+
+    def mahalanobis(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of every location to its Gaussian.
+
+        Args:
+            embedding (torch.Tensor): Features, shape ``(B, D, H, W)``, with ``H * W`` equal to the fitted
+                number of locations.
+
+        Returns:
+            torch.Tensor: Distances, shape ``(B, H, W)``.
+        """
+        batch, dim, height, width = embedding.shape
+        delta = embedding.reshape(batch, dim, -1).permute(2, 0, 1) - self.mean.unsqueeze(1)  # (L, B, D)
+        precision = self.precision.to(delta.dtype) * self.precision_scale[:, None, None].to(delta.dtype)
+        squared = ((delta @ precision) * delta).sum(dim=2).clamp_min(0)  # (L, B)
+        return squared.sqrt().transpose(0, 1).reshape(batch, height, width)

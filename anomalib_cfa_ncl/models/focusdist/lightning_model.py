@@ -1,0 +1,240 @@
+"""FocusDist as an anomalib model: training loop, statistics fit and the anomalib components.
+
+Example:
+    >>> from anomalib.data import MVTecAD
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_cfa_ncl import FocusDist
+    >>> engine = Engine()
+    >>> engine.fit(model=FocusDist(), datamodule=MVTecAD(category="bottle"))  # doctest: +SKIP
+    >>> engine.test(model=model, datamodule=datamodule)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.visualization import Visualizer
+from kornia.augmentation import RandomAffine
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from .loss import FocusDistLoss
+from .torch_model import FocusDistModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FocusDist"]
+
+DEFAULT_MAX_EPOCHS = 5
+LIGHTNING_FALLBACK_MAX_EPOCHS = 1000  # what Lightning uses when neither max_epochs nor max_steps is set
+
+
+class FocusDist(AnomalibModule):
+    """FocusDist: coarse-to-fine non-contrastive learning for anomaly detection and localisation.
+
+    Training fine-tunes the backbone with the dense non-contrastive loss while spatial transformers align the
+    images (ICA loss) and the features of each selected stage; afterwards a Gaussian per location is fitted on
+    the aligned training features in one streaming pass. Without ``--trainer.max_epochs`` (or ``max_steps``)
+    it trains for ``DEFAULT_MAX_EPOCHS`` = 5 epochs, a few minutes per MVTec category on a CPU.
+
+    Args:
+        backbone (str): timm model name. Defaults to ``"resnet18"``.
+        layers (list[str]): Feature layers, shallow to deep. Defaults to ``["layer1", "layer2", "layer3"]``.
+        pre_trained (bool): Start from ImageNet weights. Defaults to ``True``.
+        backbone_weights (str | None): Local weights file (``.safetensors`` or ``.pth``, timm key names) used
+            instead of the download, for machines without internet. Defaults to ``None``.
+        n_features (int | None): Channels kept for the Gaussian (a fixed random subset; ``None`` keeps all).
+            The default 176 keeps the statistics at 63 MB for a 256x256 input. Defaults to ``176``.
+        image_alignment (bool): Image-level coarse alignment. Switch it off for textures, which have no
+            canonical pose. Defaults to ``True``.
+        feature_alignment (bool): Feature-level coarse alignment. Defaults to ``True``.
+        ncl (bool): Fine alignment by the non-contrastive loss. Off, the backbone stays as pre-trained.
+            Defaults to ``True``.
+        pose_augmentation (bool): Random similarity transforms of the training images, so the image-level
+            alignment has misalignment to undo (used only with ``image_alignment``). Defaults to ``True``.
+        ica_weight (float): Weight of the image-alignment loss. Defaults to ``1.0``.
+        lr (float): Learning rate of the transformers and NCL heads. Defaults to ``1e-3``.
+        backbone_lr (float): Learning rate of the backbone; larger rates collapse the features towards
+            invariance. Defaults to ``1e-4``.
+        map_stride (int): Stride of the scoring grid. Defaults to ``8``.
+        local_aggregation (int): Neighbourhood pooled into each location before scoring. Defaults to ``3``.
+        projection_dim (int): Width of the NCL projector. Defaults to ``256``.
+        regularization (float): Covariance ridge relative to the mean feature variance. Defaults to ``0.01``.
+        statistics_dtype (str): Storage of the precision matrices, ``"float16"`` or ``"float32"``.
+            Defaults to ``"float16"``.
+        pre_processor (nn.Module | bool): Pre-processor, or ``True`` for the default (resize to 256, ImageNet
+            normalisation).
+        post_processor (nn.Module | bool): Post-processor, or ``True`` for the default.
+        evaluator (Evaluator | bool): Evaluator, or ``True`` for the default metrics.
+        visualizer (Visualizer | bool): Visualizer, or ``True`` for the default.
+
+    Example:
+        >>> model = FocusDist(backbone="resnet18", pre_trained=False)
+        >>> model.learning_type.value
+        'one_class'
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        layers: list[str] = ["layer1", "layer2", "layer3"],  # noqa: B006
+        pre_trained: bool = True,
+        backbone_weights: str | None = None,
+        n_features: int | None = 176,
+        image_alignment: bool = True,
+        feature_alignment: bool = True,
+        ncl: bool = True,
+        pose_augmentation: bool = True,
+        ica_weight: float = 1.0,
+        lr: float = 1e-3,
+        backbone_lr: float = 1e-4,
+        map_stride: int = 8,
+        local_aggregation: int = 3,
+        projection_dim: int = 256,
+        regularization: float = 0.01,
+        statistics_dtype: str = "float16",
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = FocusDistModel(
+            backbone=backbone,
+            layers=layers,
+            pre_trained=pre_trained,
+            backbone_weights=backbone_weights,
+            n_features=n_features,
+            image_alignment=image_alignment,
+            feature_alignment=feature_alignment,
+            ncl=ncl,
+            map_stride=map_stride,
+            local_aggregation=local_aggregation,
+            projection_dim=projection_dim,
+            regularization=regularization,
+            statistics_dtype=statistics_dtype,
+        )
+        self.loss = FocusDistLoss(ica_weight=ica_weight)
+        self.lr = lr
+        self.backbone_lr = backbone_lr
+        self.augment = (
+            RandomAffine(degrees=15.0, translate=(0.05, 0.05), scale=(0.95, 1.05), padding_mode="reflection", p=1.0)
+            if image_alignment and pose_augmentation
+            else None
+        )
+        self._statistics_stale = False
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Trainer arguments FocusDist needs: no sanity validation before the statistics exist."""
+        return {"num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """FocusDist learns from normal images only."""
+        return LearningType.ONE_CLASS
+
+    def setup(self, stage: str) -> None:
+        """Bound the training length when the user gave no ``max_epochs`` or ``max_steps``."""
+        trainer = self._trainer
+        if stage == "fit" and trainer is not None and trainer.max_steps == -1:
+            if trainer.fit_loop.max_epochs == LIGHTNING_FALLBACK_MAX_EPOCHS:
+                logger.info("FocusDist: no max_epochs given, training %d epochs.", DEFAULT_MAX_EPOCHS)
+                trainer.fit_loop.max_epochs = DEFAULT_MAX_EPOCHS
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        """Adam with a small learning rate for the backbone and a larger one for the new modules."""
+        backbone = [p for p in self.model.feature_extractor.parameters() if p.requires_grad]
+        backbone_ids = {id(p) for p in backbone}
+        heads = [p for p in self.model.parameters() if p.requires_grad and id(p) not in backbone_ids]
+        groups = []
+        if self.model.ncl_heads is not None:
+            groups.append({"params": backbone, "lr": self.backbone_lr})
+        if self.model.image_transformer is not None or self.model.ncl_heads is not None:
+            groups.append({"params": heads, "lr": self.lr})
+        return torch.optim.Adam(groups) if groups else None
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Align, extract features and compute the NCL and ICA losses of one batch."""
+        del args, kwargs
+        self._statistics_stale = True
+        images = batch.image
+        if self.augment is not None:
+            images = self.augment(images)
+        loss, parts = self.loss(*self.model(images))
+        for name, value in parts.items():
+            self.log(f"train_{name}", value, on_step=False, on_epoch=True, batch_size=images.shape[0])
+        if loss is None:  # nothing to train: the statistics fit is all there is
+            return None
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score a validation batch (anomalib collects the scores for thresholds and normalisation)."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def on_validation_start(self) -> None:
+        """Fit the statistics with the current weights before scoring."""
+        self.fit_statistics_if_stale()
+
+    def on_train_end(self) -> None:
+        """Fit the statistics after the last epoch when no validation did."""
+        self.fit_statistics_if_stale()
+
+    def fit_statistics_if_stale(self) -> None:
+        """Refit the Gaussian when the network changed since the last fit."""
+        if self._statistics_stale:
+            self.fit_statistics()
+
+    def _statistics_dataloader(self) -> DataLoader:
+        """The training images without shuffling, split across processes without padding (exact sums)."""
+        loader = self.trainer.train_dataloader
+        if loader is None:
+            msg = "FocusDist fits its statistics on the training images: call engine.fit with a training set."
+            raise RuntimeError(msg)
+        dataset = loader.dataset
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        shard = Subset(dataset, range(rank, len(dataset), world))
+        return DataLoader(
+            shard,
+            batch_size=loader.batch_size or 1,
+            shuffle=False,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+        )
+
+    def fit_statistics(self) -> None:
+        """One streaming pass over the training images (no augmentation) to fit the per-location Gaussian."""
+        was_training = self.model.training
+        self.model.eval()
+        gaussian = self.model.gaussian
+        gaussian.reset()
+        with torch.inference_mode(False), torch.no_grad():
+            for batch in self._statistics_dataloader():
+                images = batch.image.to(self.device)
+                if self.pre_processor is not None and getattr(self.pre_processor, "transform", None) is not None:
+                    images = self.pre_processor.transform(images)
+                gaussian.update(self.model.embed(images)[0])
+            reduce = None
+            if self.trainer.world_size > 1:
+                reduce = lambda tensor: self.trainer.strategy.reduce(tensor, reduce_op="sum")  # noqa: E731
+                if gaussian.running_sum is None:
+                    msg = "Each process needs at least one training image: use fewer devices than training images."
+                    raise ValueError(msg)
+            gaussian.finalize(reduce)
+        self.model.train(was_training)
+        self._statistics_stale = False

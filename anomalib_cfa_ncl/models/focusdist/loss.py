@@ -1,0 +1,96 @@
+"""Losses of FocusDist: image-level coarse alignment (ICA) and dense non-contrastive learning (NCL)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from kornia.filters import gaussian_blur2d
+from torch import nn
+
+ICA_SIZE = 64  # side of the low-pass copy the ICA loss compares
+
+
+def ica_loss(aligned_images: torch.Tensor) -> torch.Tensor:
+    """Image-level coarse alignment loss: squared distance of each aligned image to the batch mean.
+
+    The paper's all-pairs loss ``sum_{A,B} ||T(A) - T(B)||^2`` equals ``2B sum_A ||T(A) - mean||^2``, so it is
+    computed against the batch mean in O(B). Images are compared on a blurred, downsampled copy so the
+    transformer aligns object outlines rather than chasing texture.
+
+    Args:
+        aligned_images (torch.Tensor): Images after the image-level transformer, shape ``(B, C, H, W)``.
+
+    Returns:
+        torch.Tensor: Scalar loss, the mean squared deviation per pixel and channel.
+    """
+    low_pass = F.interpolate(gaussian_blur2d(aligned_images, (9, 9), (2.0, 2.0)), size=(ICA_SIZE, ICA_SIZE),
+                             mode="bilinear", align_corners=False, antialias=True)
+    return (low_pass - low_pass.mean(dim=0, keepdim=True)).pow(2).mean()
+
+
+def ncl_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Dense non-contrastive loss between corresponding locations of all pairs of images in a batch.
+
+    For every location, the negative cosine between the prediction of image ``a`` and the stop-gradient
+    target of image ``b``, averaged over all ordered pairs ``a != b`` (so the loss is symmetric). The sum over
+    ``b`` is linear in the normalised targets, so all pairs cost O(B).
+
+    Args:
+        prediction (torch.Tensor): Predictor outputs ``h(g(f))``, shape ``(B, D, H, W)``.
+        target (torch.Tensor): Projector outputs ``g(f)``, shape ``(B, D, H, W)``; gradients are stopped.
+
+    Returns:
+        torch.Tensor: Scalar loss in ``[-1, 1]``; zero (with a graph) for a batch of one image.
+    """
+    batch_size = prediction.shape[0]
+    if batch_size < 2:
+        return prediction.sum() * 0.0
+    prediction = F.normalize(prediction, dim=1)
+    target = F.normalize(target.detach(), dim=1)
+    others = (target.sum(dim=0, keepdim=True) - target) / (batch_size - 1)
+    return -(prediction * others).sum(dim=1).mean()
+
+
+class FocusDistLoss(nn.Module):
+    """Total training loss: NCL averaged over the selected layers plus the weighted ICA loss.
+
+    Args:
+        ica_weight (float): Weight of the image-level alignment loss.
+
+    Example:
+        >>> loss = FocusDistLoss()
+        >>> pairs = {"layer2": (torch.randn(4, 8, 5, 5), torch.randn(4, 8, 5, 5))}
+        >>> total, parts = loss(pairs, torch.rand(4, 3, 64, 64))
+    """
+
+    def __init__(self, ica_weight: float = 1.0) -> None:
+        super().__init__()
+        self.ica_weight = ica_weight
+
+    def forward(
+        self,
+        ncl_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        aligned_images: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Compute the loss.
+
+        Args:
+            ncl_pairs (dict[str, tuple[torch.Tensor, torch.Tensor]]): Per layer, ``(prediction, target)``, each
+                of shape ``(B, D, H, W)``; empty when NCL is off.
+            aligned_images (torch.Tensor | None): Output of the image transformer ``(B, C, H, W)``, or ``None``
+                when image alignment is off.
+
+        Returns:
+            tuple[torch.Tensor | None, dict[str, torch.Tensor]]: The total loss (``None`` when nothing is trained)
+                and its detached parts for logging.
+        """
+        parts: dict[str, torch.Tensor] = {}
+        terms: list[torch.Tensor] = []
+        if ncl_pairs:
+            parts["ncl_loss"] = torch.stack([ncl_loss(*pair) for pair in ncl_pairs.values()]).mean()
+            terms.append(parts["ncl_loss"])
+        if aligned_images is not None:
+            parts["ica_loss"] = ica_loss(aligned_images)
+            terms.append(self.ica_weight * parts["ica_loss"])
+        total = torch.stack(terms).sum() if terms else None
+        return total, {name: value.detach() for name, value in parts.items()}
