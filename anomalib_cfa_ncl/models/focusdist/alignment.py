@@ -32,6 +32,7 @@ def similarity_theta(params: torch.Tensor, max_angle: float, max_log_scale: floa
 
     Returns:
         torch.Tensor: Affine matrices, shape ``(B, 2, 3)``.
+
     """
     angle = max_angle * torch.tanh(params[:, 0])
     scale = torch.exp(max_log_scale * torch.tanh(params[:, 1]))
@@ -59,6 +60,7 @@ def compose_theta(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
 
     Returns:
         torch.Tensor: The composed warp, shape ``(B, 2, 3)``.
+
     """
     linear = outer[:, :, :2] @ inner[:, :, :2]
     shift = outer[:, :, :2] @ inner[:, :, 2:] + outer[:, :, 2:]
@@ -73,6 +75,7 @@ def invert_theta(theta: torch.Tensor) -> torch.Tensor:
 
     Returns:
         torch.Tensor: Inverse affine matrices, shape ``(B, 2, 3)``.
+
     """
     a, b, tx = theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2]
     c, d, ty = theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2]
@@ -100,6 +103,7 @@ def warp(
 
     Returns:
         torch.Tensor: Warped tensor, shape ``(B, C, h, w)``.
+
     """
     height, width = size if size is not None else tensor.shape[-2:]
     grid = F.affine_grid(theta.to(tensor.dtype), [tensor.shape[0], tensor.shape[1], height, width], align_corners=False)
@@ -125,6 +129,7 @@ class SimilarityTransformer(nn.Module):
         >>> theta = stn(torch.rand(2, 3, 64, 64))
         >>> theta.shape
         torch.Size([2, 2, 3])
+
     """
 
     def __init__(
@@ -168,6 +173,7 @@ class SimilarityTransformer(nn.Module):
 
         Returns:
             torch.Tensor: Affine matrices for :func:`warp`, shape ``(B, 2, 3)``.
+
         """
         params = self.head(self.localisation(tensor))
         return similarity_theta(params, self.max_angle, self.max_log_scale, self.max_shift)

@@ -20,6 +20,7 @@ class AnomalyMapGenerator(nn.Module):
         >>> theta = torch.eye(2, 3).expand(2, 2, 3)
         >>> generator(torch.rand(2, 32, 32), theta, (256, 256)).shape
         torch.Size([2, 1, 256, 256])
+
     """
 
     def __init__(self, sigma: float = 4.0) -> None:
@@ -37,6 +38,7 @@ class AnomalyMapGenerator(nn.Module):
 
         Returns:
             torch.Tensor: Anomaly map aligned with the input pixels, shape ``(B, 1, H, W)``.
+
         """
         anomaly_map = warp(distance.unsqueeze(1), invert_theta(theta), size=image_size, padding_mode="border")
         return self.blur(anomaly_map)

@@ -34,6 +34,7 @@ def layer_indices(backbone: str, layers: list[str]) -> list[int]:
     Raises:
         ValueError: If the backbone is unknown, a layer name is not one of its feature layers, or no layer
             is given.
+
     """
     if not timm.is_model(backbone):
         raise ValueError(_unknown_backbone_message(backbone))
@@ -90,6 +91,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path, backbone: str) -> 
     Raises:
         FileNotFoundError: If the file does not exist.
         ValueError: If the file cannot be read or does not fit the architecture.
+
     """
     state = _read_state_dict(Path(path))
     expected = model.state_dict()
@@ -124,6 +126,7 @@ def create_feature_extractor(
 
     Raises:
         RuntimeError: If the weights must be downloaded and the hub cannot be reached.
+
     """
     indices = layer_indices(backbone, layers)
     download = pre_trained and backbone_weights is None

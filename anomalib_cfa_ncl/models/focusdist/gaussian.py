@@ -30,6 +30,7 @@ class StreamingGaussian(DynamicBufferMixin):
         >>> gaussian.finalize()
         >>> gaussian.mahalanobis(torch.randn(2, 4, 3, 3)).shape
         torch.Size([2, 3, 3])
+
     """
 
     def __init__(self, regularization: float = 0.01, storage_dtype: str = "float16") -> None:
@@ -63,6 +64,7 @@ class StreamingGaussian(DynamicBufferMixin):
 
         Args:
             embedding (torch.Tensor): Features, shape ``(B, D, H, W)``.
+
         """
         batch, dim = embedding.shape[:2]
         x = embedding.detach().reshape(batch, dim, -1).permute(2, 0, 1).to(torch.float64)  # (L, B, D)
@@ -83,6 +85,7 @@ class StreamingGaussian(DynamicBufferMixin):
 
         Raises:
             ValueError: If no image was seen at all.
+
         """
         if reduce is not None:
             self.count = reduce(self.count)
@@ -114,6 +117,7 @@ class StreamingGaussian(DynamicBufferMixin):
 
         Returns:
             torch.Tensor: Distances, shape ``(B, H, W)``.
+
         """
         batch, dim, height, width = embedding.shape
         delta = embedding.reshape(batch, dim, -1).permute(2, 0, 1) - self.mean.unsqueeze(1)  # (L, B, D)

@@ -7,6 +7,7 @@ Example:
     >>> engine = Engine()
     >>> engine.fit(model=FocusDist(), datamodule=MVTecAD(category="bottle"))  # doctest: +SKIP
     >>> engine.test(model=model, datamodule=datamodule)  # doctest: +SKIP
+
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class FocusDist(AnomalibModule):
         >>> model = FocusDist(backbone="resnet18", pre_trained=False)
         >>> model.learning_type.value
         'one_class'
+
     """
 
     def __init__(
@@ -149,10 +151,10 @@ class FocusDist(AnomalibModule):
     def setup(self, stage: str) -> None:
         """Bound the training length when the user gave no ``max_epochs`` or ``max_steps``."""
         trainer = self._trainer
-        if stage == "fit" and trainer is not None and trainer.max_steps == -1:
-            if trainer.fit_loop.max_epochs == LIGHTNING_FALLBACK_MAX_EPOCHS:
-                logger.info("FocusDist: no max_epochs given, training %d epochs.", DEFAULT_MAX_EPOCHS)
-                trainer.fit_loop.max_epochs = DEFAULT_MAX_EPOCHS
+        unbounded = trainer is not None and trainer.max_steps == -1
+        if stage == "fit" and unbounded and trainer.fit_loop.max_epochs == LIGHTNING_FALLBACK_MAX_EPOCHS:
+            logger.info("FocusDist: no max_epochs given, training %d epochs.", DEFAULT_MAX_EPOCHS)
+            trainer.fit_loop.max_epochs = DEFAULT_MAX_EPOCHS
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """Adam with a small learning rate for the backbone and a larger one for the new modules."""
@@ -201,7 +203,7 @@ class FocusDist(AnomalibModule):
             self.fit_statistics()
 
     def _statistics_dataloader(self) -> DataLoader:
-        """The training images without shuffling, split across processes without padding (exact sums)."""
+        """Load the training images without shuffling, split across processes without padding (exact sums)."""
         loader = self.trainer.train_dataloader
         if loader is None:
             msg = "FocusDist fits its statistics on the training images: call engine.fit with a training set."

@@ -22,9 +22,15 @@ def ica_loss(aligned_images: torch.Tensor) -> torch.Tensor:
 
     Returns:
         torch.Tensor: Scalar loss, the mean squared deviation per pixel and channel.
+
     """
-    low_pass = F.interpolate(gaussian_blur2d(aligned_images, (9, 9), (2.0, 2.0)), size=(ICA_SIZE, ICA_SIZE),
-                             mode="bilinear", align_corners=False, antialias=True)
+    low_pass = F.interpolate(
+        gaussian_blur2d(aligned_images, (9, 9), (2.0, 2.0)),
+        size=(ICA_SIZE, ICA_SIZE),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )
     return (low_pass - low_pass.mean(dim=0, keepdim=True)).pow(2).mean()
 
 
@@ -41,6 +47,7 @@ def ncl_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
     Returns:
         torch.Tensor: Scalar loss in ``[-1, 1]``; zero (with a graph) for a batch of one image.
+
     """
     batch_size = prediction.shape[0]
     if batch_size < 2:
@@ -61,6 +68,7 @@ class FocusDistLoss(nn.Module):
         >>> loss = FocusDistLoss()
         >>> pairs = {"layer2": (torch.randn(4, 8, 5, 5), torch.randn(4, 8, 5, 5))}
         >>> total, parts = loss(pairs, torch.rand(4, 3, 64, 64))
+
     """
 
     def __init__(self, ica_weight: float = 1.0) -> None:
@@ -83,6 +91,7 @@ class FocusDistLoss(nn.Module):
         Returns:
             tuple[torch.Tensor | None, dict[str, torch.Tensor]]: The total loss (``None`` when nothing is trained)
                 and its detached parts for logging.
+
         """
         parts: dict[str, torch.Tensor] = {}
         terms: list[torch.Tensor] = []

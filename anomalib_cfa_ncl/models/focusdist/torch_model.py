@@ -43,6 +43,7 @@ class NCLHead(nn.Module):
         >>> prediction, target = head(torch.rand(2, 64, 8, 8))
         >>> prediction.shape
         torch.Size([2, 128, 8, 8])
+
     """
 
     def __init__(self, in_channels: int, projection_dim: int = 256) -> None:
@@ -73,6 +74,7 @@ class TrainingOutput(NamedTuple):
     Attributes:
         ncl_pairs: Per layer, ``(prediction, target)`` of shape ``(B, D, h_k, w_k)``; empty when NCL is off.
         aligned_images: Output of the image transformer ``(B, 3, H, W)``, or ``None`` when it is off.
+
     """
 
     ncl_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -109,6 +111,7 @@ class FocusDistModel(nn.Module):
         >>> output = model(torch.rand(2, 3, 256, 256))  # training mode: what the loss needs
         >>> sorted(output.ncl_pairs)
         ['layer1', 'layer2', 'layer3']
+
     """
 
     def __init__(
@@ -139,21 +142,25 @@ class FocusDistModel(nn.Module):
 
         self.image_transformer = SimilarityTransformer(3) if image_alignment else None
         self.feature_transformers = (
-            nn.ModuleDict({
-                _layer_key(layer): SimilarityTransformer(
-                    dim,
-                    pool_size=FEATURE_POOL_SIZE,
-                    max_angle=FEATURE_MAX_ANGLE,
-                    max_scale=FEATURE_MAX_SCALE,
-                    max_shift=FEATURE_MAX_SHIFT,
-                )
-                for layer, dim in zip(layers, channels, strict=True)
-            })
+            nn.ModuleDict(
+                {
+                    _layer_key(layer): SimilarityTransformer(
+                        dim,
+                        pool_size=FEATURE_POOL_SIZE,
+                        max_angle=FEATURE_MAX_ANGLE,
+                        max_scale=FEATURE_MAX_SCALE,
+                        max_shift=FEATURE_MAX_SHIFT,
+                    )
+                    for layer, dim in zip(layers, channels, strict=True)
+                }
+            )
             if feature_alignment
             else None
         )
         self.ncl_heads = (
-            nn.ModuleDict({_layer_key(layer): NCLHead(dim, projection_dim) for layer, dim in zip(layers, channels, strict=True)})
+            nn.ModuleDict(
+                {_layer_key(layer): NCLHead(dim, projection_dim) for layer, dim in zip(layers, channels, strict=True)}
+            )
             if ncl
             else None
         )
@@ -163,7 +170,7 @@ class FocusDistModel(nn.Module):
                 feature_module(self.feature_extractor, layer).register_forward_hook(hook)
 
         total = sum(channels)
-        if n_features is not None and not 0 < n_features:
+        if n_features is not None and not n_features > 0:
             msg = f"n_features must be a positive number of channels (or None for all {total}), got {n_features}."
             raise ValueError(msg)
         keep = total if n_features is None else min(n_features, total)
@@ -177,7 +184,7 @@ class FocusDistModel(nn.Module):
         """Set the training mode, keeping the backbone's BatchNorm statistics frozen (fine-tuning)."""
         super().train(mode)
         for module in self.feature_extractor.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):  # noqa: SLF001
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
         return self
 
@@ -190,6 +197,7 @@ class FocusDistModel(nn.Module):
         Returns:
             tuple[torch.Tensor, torch.Tensor]: The aligned images ``(B, 3, H, W)`` and the transforms
             ``(B, 2, 3)`` (identity when image alignment is off).
+
         """
         if self.image_transformer is None:
             return images, identity_theta(images.shape[0], images.device, images.dtype)
@@ -206,6 +214,7 @@ class FocusDistModel(nn.Module):
             tuple: ``features`` (per layer, in its own frame, ``(B, C_k, h_k, w_k)``), ``thetas`` (per layer, the
             transform of its stage, ``(B, 2, 3)``, identity when feature alignment is off) and the aligned
             images ``(B, 3, H, W)`` with the image transform appended to ``thetas`` first.
+
         """
         self._check_input(images)
         aligned, image_theta = self.align_images(images)
@@ -225,12 +234,15 @@ class FocusDistModel(nn.Module):
             raise ValueError(msg)
         if min(images.shape[-2:]) < self.min_input_size:
             msg = (
-                f"Input {tuple(images.shape[-2:])} is smaller than the backbone's stride {self.min_input_size}: resize "
-                f"images to at least {self.min_input_size}x{self.min_input_size} (the default pre-processor resizes to 256)."
+                f"Input {tuple(images.shape[-2:])} is smaller than the backbone's stride {self.min_input_size}: "
+                f"resize images to at least {self.min_input_size}x{self.min_input_size} "
+                "(the default pre-processor resizes to 256)."
             )
             raise ValueError(msg)
 
-    def scoring_embedding(self, features: list[torch.Tensor], thetas: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    def scoring_embedding(
+        self, features: list[torch.Tensor], thetas: list[torch.Tensor], size: tuple[int, int]
+    ) -> torch.Tensor:
         """Resample every layer into the deepest frame on the scoring grid and concatenate the kept channels.
 
         Args:
@@ -240,6 +252,7 @@ class FocusDistModel(nn.Module):
 
         Returns:
             torch.Tensor: Embedding, shape ``(B, n_features, h, w)``.
+
         """
         stage_thetas = thetas[1:]
         to_deepest = identity_theta(features[0].shape[0], features[0].device, features[0].dtype)
@@ -248,7 +261,10 @@ class FocusDistModel(nn.Module):
             layer_features = features[index]
             if self.local_aggregation > 1:
                 layer_features = F.avg_pool2d(
-                    layer_features, self.local_aggregation, stride=1, padding=self.local_aggregation // 2,
+                    layer_features,
+                    self.local_aggregation,
+                    stride=1,
+                    padding=self.local_aggregation // 2,
                     count_include_pad=False,
                 )
             resampled.insert(0, warp(layer_features, to_deepest, size=size, padding_mode="border"))
@@ -264,7 +280,7 @@ class FocusDistModel(nn.Module):
         return total
 
     def grid_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """The scoring grid for an input size."""
+        """Return the scoring grid ``(h, w)`` for an input size ``(H, W)``."""
         return (max(image_size[0] // self.map_stride, 1), max(image_size[1] // self.map_stride, 1))
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,6 +291,7 @@ class FocusDistModel(nn.Module):
 
         Returns:
             tuple[torch.Tensor, torch.Tensor]: Embedding ``(B, n_features, h, w)`` and total transform ``(B, 2, 3)``.
+
         """
         features, thetas, _ = self.extract_features(images)
         return self.scoring_embedding(features, thetas, self.grid_size(images.shape[-2:])), self.total_theta(thetas)
@@ -288,13 +305,19 @@ class FocusDistModel(nn.Module):
         Returns:
             TrainingOutput | InferenceBatch: In training mode the NCL pairs and aligned images; in evaluation
             mode ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, 1, H, W)``.
+
         """
         if self.training:
             features, _, aligned = self.extract_features(images)
             pairs = {}
             if self.ncl_heads is not None:
-                pairs = {layer: self.ncl_heads[_layer_key(layer)](feature) for layer, feature in zip(self.layers, features, strict=True)}
-            return TrainingOutput(ncl_pairs=pairs, aligned_images=aligned if self.image_transformer is not None else None)
+                pairs = {
+                    layer: self.ncl_heads[_layer_key(layer)](feature)
+                    for layer, feature in zip(self.layers, features, strict=True)
+                }
+            return TrainingOutput(
+                ncl_pairs=pairs, aligned_images=aligned if self.image_transformer is not None else None
+            )
 
         if not self.gaussian.is_fitted:
             msg = "FocusDist has no fitted statistics yet: train it (engine.fit) or load a trained checkpoint first."
@@ -303,8 +326,8 @@ class FocusDistModel(nn.Module):
         expected = self.gaussian.mean.shape[0]
         if embedding.shape[-1] * embedding.shape[-2] != expected:
             msg = (
-                f"Input {tuple(images.shape[-2:])} gives a {tuple(embedding.shape[-2:])} scoring grid, but the model was "
-                f"fitted on {expected} locations: feed images of the training size (the pre-processor's Resize)."
+                f"Input {tuple(images.shape[-2:])} gives a {tuple(embedding.shape[-2:])} scoring grid, but the model "
+                f"was fitted on {expected} locations: feed images of the training size (the pre-processor's Resize)."
             )
             raise ValueError(msg)
         distance = self.gaussian.mahalanobis(embedding)

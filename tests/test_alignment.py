@@ -1,0 +1,80 @@
+"""Coarse alignment: transformers, warps and the ICA loss."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from skimage import data as skimage_data
+
+from anomalib_cfa_ncl.models.focusdist.alignment import (
+    SimilarityTransformer,
+    compose_theta,
+    invert_theta,
+    similarity_theta,
+    warp,
+)
+from anomalib_cfa_ncl.models.focusdist.loss import ica_loss
+
+
+def test_identity_initialised_transformer_returns_its_input() -> None:
+    images = torch.rand(3, 3, 48, 48)
+    theta = SimilarityTransformer(3).eval()(images)
+    assert torch.allclose(theta, torch.eye(2, 3).expand(3, 2, 3))
+    assert torch.allclose(warp(images, theta), images, atol=1e-5)
+
+
+def test_compose_and_invert_are_consistent() -> None:
+    params = torch.randn(4, 4)
+    a = similarity_theta(params, math.pi / 4, math.log(1.25), 0.5)
+    b = similarity_theta(torch.randn(4, 4), math.pi / 4, math.log(1.25), 0.5)
+    assert torch.allclose(compose_theta(a, invert_theta(a)), torch.eye(2, 3).expand(4, 2, 3), atol=1e-5)
+    images = torch.rand(4, 1, 32, 32)
+    # warping by a then b equals one warp by compose(a, b), away from the borders
+    two_step = warp(warp(images, a, size=(64, 64)), b, size=(64, 64))
+    one_step = warp(images, compose_theta(a, b), size=(64, 64))
+    assert (two_step - one_step)[..., 16:48, 16:48].abs().mean() < 0.05
+
+
+def test_transform_stays_within_bounds() -> None:
+    theta = similarity_theta(torch.full((2, 4), 100.0), math.pi / 4, math.log(1.25), 0.5)
+    scale = torch.linalg.det(theta[:, :, :2]).sqrt()
+    assert torch.all(scale <= 1.25 + 1e-5)
+    assert torch.all(theta[:, :, 2].abs() <= 0.5 + 1e-6)
+
+
+def _one_image(size: int = 64) -> torch.Tensor:
+    photo = skimage_data.camera()[::8, ::8].astype(np.float32) / 255.0
+    image = torch.from_numpy(photo)[None, None]
+    return torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear").expand(1, 3, size, size)
+
+
+def test_image_transformer_learns_to_undo_random_poses() -> None:
+    torch.manual_seed(0)
+    batch = 16
+    angles = torch.empty(batch).uniform_(-0.35, 0.35)  # +-20 degrees
+    shifts = torch.empty(batch, 2).uniform_(-0.15, 0.15)
+    applied = torch.zeros(batch, 2, 3)
+    applied[:, 0, 0], applied[:, 0, 1] = torch.cos(angles), -torch.sin(angles)
+    applied[:, 1, 0], applied[:, 1, 1] = torch.sin(angles), torch.cos(angles)
+    applied[:, :, 2] = shifts
+    images = warp(_one_image().expand(batch, -1, -1, -1), applied, padding_mode="border")
+
+    stn = SimilarityTransformer(3, hidden=8)
+    optimiser = torch.optim.Adam(stn.parameters(), lr=3e-3)
+    initial = ica_loss(images).item()
+    for _ in range(150):
+        optimiser.zero_grad()
+        loss = ica_loss(warp(images, stn(images), padding_mode="border"))
+        loss.backward()
+        optimiser.step()
+    stn.eval()
+    with torch.no_grad():
+        final = ica_loss(warp(images, stn(images), padding_mode="border")).item()
+        total = compose_theta(applied, stn(images))  # input pose followed by the predicted correction
+    assert final < 0.5 * initial
+    # the residual pose after correction varies far less across the batch than the applied one
+    residual_angle = torch.atan2(total[:, 1, 0], total[:, 0, 0])
+    assert residual_angle.std() < 0.4 * angles.std()
+    assert total[:, :, 2].std(dim=0).mean() < 0.5 * shifts.std(dim=0).mean()

@@ -1,0 +1,51 @@
+"""The sequence anomalib's own model integration test runs for every built-in model.
+
+fit, test, train, validate and predict from the checkpoint, then export to torch, ONNX and OpenVINO, on a tiny
+generated MVTec-format dataset with ``max_epochs=1``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from anomalib.deploy import ExportType
+
+from .helpers import CATEGORY, tiny_datamodule, tiny_engine, tiny_model
+
+
+@pytest.fixture(scope="module")
+def project(tiny_dataset_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Fit once; return the project folder and the checkpoint the Engine wrote."""
+    project_path = tmp_path_factory.mktemp("project")
+    engine = tiny_engine(project_path)
+    engine.fit(model=tiny_model(), datamodule=tiny_datamodule(tiny_dataset_root))
+    checkpoint = project_path / "FocusDist" / "MVTecAD" / CATEGORY / "v0" / "weights" / "lightning" / "model.ckpt"
+    assert checkpoint.is_file()
+    return project_path, checkpoint
+
+
+@pytest.mark.parametrize("stage", ["test", "validate", "predict", "train"])
+def test_stage_from_checkpoint(stage: str, project: tuple[Path, Path], tiny_dataset_root: Path) -> None:
+    project_path, checkpoint = project
+    engine = tiny_engine(project_path)
+    result = getattr(engine, stage)(
+        model=tiny_model(), datamodule=tiny_datamodule(tiny_dataset_root), ckpt_path=str(checkpoint)
+    )
+    if stage == "test":
+        metrics = result[0]
+        assert 0.0 <= metrics["image_AUROC"] <= 1.0
+    if stage == "predict":
+        assert sum(len(batch.pred_score) for batch in result) == 8
+
+
+@pytest.mark.parametrize("export_type", list(ExportType))
+def test_export(export_type: ExportType, project: tuple[Path, Path], tmp_path: Path) -> None:
+    project_path, checkpoint = project
+    engine = tiny_engine(project_path)
+    kwargs = {"onnx_kwargs": {"opset_version": 18}} if export_type != ExportType.TORCH else {}
+    exported = engine.export(
+        model=tiny_model(), export_type=export_type, ckpt_path=str(checkpoint), export_root=tmp_path, **kwargs
+    )
+    assert exported is not None
+    assert Path(exported).is_file()

@@ -1,0 +1,96 @@
+"""FocusDist torch model and anomalib wrapper: scoring geometry, checkpoints, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from skimage import data as skimage_data
+
+from anomalib_cfa_ncl import FocusDist, FocusDistModel
+from anomalib_cfa_ncl.models.focusdist.alignment import warp
+
+from .helpers import tiny_datamodule, tiny_engine, tiny_model
+
+
+def _photo(size: int) -> torch.Tensor:
+    photo = torch.from_numpy(skimage_data.camera().astype(np.float32) / 255.0)[None, None]
+    return F.interpolate(photo, size=(size, size), mode="area").expand(1, 3, size, size).clone()
+
+
+def test_defect_scores_highest_where_it_is_in_the_input() -> None:
+    """With a non-trivial image alignment, the map must be warped back to the input's pixels."""
+    torch.manual_seed(0)
+    size = 128
+    model = FocusDistModel(backbone="resnet18", pre_trained=False, feature_alignment=False, ncl=False, n_features=None)
+    with torch.no_grad():  # a fixed, clearly non-identity alignment: rotation and a large shift
+        model.image_transformer.head.bias.copy_(torch.tensor([0.5, 0.3, 0.8, -0.6]))
+    model.eval()
+    normal = _photo(size).expand(16, -1, -1, -1) + 0.02 * torch.randn(16, 3, size, size)
+    with torch.no_grad():
+        model.gaussian.update(model.embed(normal)[0])
+        model.gaussian.finalize()
+        theta = model.align_images(normal[:1])[1]
+        assert (theta - torch.eye(2, 3)).abs().max() > 0.2
+        defective = _photo(size).clone()
+        top, left = 24, 84
+        defective[:, :, top : top + 12, left : left + 12] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+        anomaly_map = model(defective).anomaly_map[0, 0]
+    row, col = divmod(int(anomaly_map.argmax()), size)
+    assert abs(row - (top + 6)) <= 10
+    assert abs(col - (left + 6)) <= 10
+
+
+def test_identity_alignment_maps_match_an_unaligned_model() -> None:
+    """At initialisation all transformers are the identity, so the map needs no warp at all."""
+    images = torch.rand(2, 3, 64, 64)
+    base = warp(images, torch.eye(2, 3).expand(2, 2, 3))
+    assert torch.allclose(base, images, atol=1e-5)
+
+
+def test_fit_then_reload_from_checkpoint_gives_identical_scores(tiny_dataset_root, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = tiny_model()
+    datamodule = tiny_datamodule(tiny_dataset_root)
+    engine = tiny_engine(tmp_path)
+    engine.fit(model, datamodule=datamodule)
+    checkpoint = tmp_path / "focusdist.ckpt"
+    engine.trainer.save_checkpoint(checkpoint)
+    reloaded = FocusDist.load_from_checkpoint(checkpoint, map_location="cpu")  # weights_only=True, as anomalib does
+    images = torch.rand(3, 3, 64, 64)
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        first, second = model(images), reloaded(images)
+    assert torch.equal(first.pred_score, second.pred_score)
+    assert torch.equal(first.anomaly_map, second.anomaly_map)
+
+
+def test_unfitted_model_says_what_to_do() -> None:
+    model = FocusDistModel(backbone="resnet18", pre_trained=False).eval()
+    with pytest.raises(RuntimeError, match="train it"):
+        model(torch.rand(1, 3, 64, 64))
+
+
+def test_statistics_budget_at_256_pixels() -> None:
+    model = FocusDistModel(backbone="resnet18", pre_trained=False).eval()
+    with torch.no_grad():
+        model.gaussian.update(model.embed(torch.rand(2, 3, 256, 256))[0])
+        model.gaussian.finalize()
+    size = sum(buffer.numel() * buffer.element_size() for buffer in model.gaussian.buffers())
+    assert size <= 64 * 2**20
+
+
+def test_switches_remove_their_modules() -> None:
+    model = FocusDist(
+        backbone="resnet18",
+        pre_trained=False,
+        image_alignment=False,
+        feature_alignment=False,
+        ncl=False,
+    )
+    assert model.model.image_transformer is None
+    assert model.model.feature_transformers is None
+    assert model.model.ncl_heads is None
+    assert model.configure_optimizers() is None
