@@ -1,0 +1,216 @@
+"""Quality benchmark: FocusDist beside anomalib's Padim and Patchcore on the same backbone and data.
+
+Prints one markdown table (model x category: image AUROC, pixel AUROC, AUPRO, fit seconds, test images/s)
+with the ablation rows of FocusDist (which stage adds what), the means over categories, and FocusDist's test
+metrics after every epoch (reported only: the schedule is fixed in advance, test anomalies never steer it).
+
+Usage:
+    python benchmarks/quality.py --root DATA [--categories a b ...] [--epochs 5] [--out results/quality]
+
+DATA is an MVTec-format root (e.g. written by the development benchmark generator). With the default
+``--backbone tf_efficientnet_lite0`` the ImageNet weights must be in timm's cache (offline: set HF_HUB_OFFLINE=1
+after seeding the cache) or be given with ``--backbone-weights``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from anomalib.metrics import AUPRO, AUROC, Evaluator
+from anomalib.models import Padim, Patchcore
+from lightning.pytorch import Callback, seed_everything
+from sklearn.metrics import roc_auc_score
+
+from anomalib_cfa_ncl import FocusDist
+
+LAYERS = {
+    "tf_efficientnet_lite0": ["blocks.1", "blocks.2", "blocks.4"],
+    "resnet18": ["layer1", "layer2", "layer3"],
+}
+ABLATIONS = {
+    "FocusDist": {},
+    "FocusDist -FCA": {"feature_alignment": False},
+    "FocusDist -ICA -FCA": {"image_alignment": False, "feature_alignment": False},
+    "FocusDist frozen (no alignment, no NCL)": {"image_alignment": False, "feature_alignment": False, "ncl": False},
+}
+
+
+def evaluator() -> Evaluator:
+    """Image AUROC, pixel AUROC and pixel AUPRO (FPR limit 0.3) on the test set."""
+    return Evaluator(
+        test_metrics=[
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+        ],
+    )
+
+
+class EpochCurve(Callback):
+    """After every training epoch, fit FocusDist's statistics and record test image/pixel AUROC (report only)."""
+
+    def __init__(self, datamodule: MVTecAD) -> None:
+        self.datamodule = datamodule
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module: FocusDist) -> None:
+        pl_module.fit_statistics_if_stale()
+        pl_module.model.eval()
+        scores, labels, maps, masks = [], [], [], []
+        with torch.no_grad():
+            for batch in self.datamodule.test_dataloader():
+                images = pl_module.pre_processor.transform(batch.image.to(pl_module.device))
+                output = pl_module.model(images)
+                scores.append(output.pred_score.cpu())
+                labels.append(batch.gt_label.cpu())
+                size = batch.gt_mask.shape[-2:]
+                maps.append(torch.nn.functional.interpolate(output.anomaly_map, size=size, mode="bilinear").cpu())
+                masks.append(batch.gt_mask.cpu())
+        pl_module.model.train()
+        pixel_maps = torch.cat(maps).flatten().numpy()
+        pixel_masks = torch.cat(masks).flatten().numpy().astype(int)
+        self.rows.append(
+            {
+                "epoch": trainer.current_epoch + 1,
+                "image_AUROC": roc_auc_score(torch.cat(labels).numpy(), torch.cat(scores).numpy()),
+                "pixel_AUROC": roc_auc_score(pixel_masks, pixel_maps),
+            }
+        )
+
+
+def build_model(name: str, backbone: str, weights: str | None) -> FocusDist | Padim | Patchcore:
+    """Create a model with the benchmark's evaluator."""
+    layers = LAYERS[backbone]
+    if name == "Padim":
+        return Padim(backbone=backbone, layers=layers, n_features=100, evaluator=evaluator())
+    if name == "Patchcore":
+        return Patchcore(backbone=backbone, layers=layers[1:], coreset_sampling_ratio=0.01, evaluator=evaluator())
+    return FocusDist(
+        backbone=backbone, layers=layers, backbone_weights=weights, evaluator=evaluator(), **ABLATIONS[name]
+    )
+
+
+def run(name: str, category: str, args: argparse.Namespace) -> dict:
+    """Fit and test one model on one category; return its metrics and timings."""
+    seed_everything(args.seed, workers=True)
+    datamodule = MVTecAD(
+        root=args.root,
+        category=category,
+        train_batch_size=args.batch_size,
+        eval_batch_size=32,
+        num_workers=args.workers,
+        seed=args.seed,
+    )
+    datamodule.setup()
+    model = build_model(name, args.backbone, args.backbone_weights)
+    focusdist = isinstance(model, FocusDist)
+    curve = EpochCurve(datamodule) if focusdist and name == "FocusDist" else None
+    trained = focusdist and (model.model.ncl_heads is not None or model.model.image_transformer is not None)
+    engine = Engine(
+        max_epochs=args.epochs if trained else 1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        default_root_dir=args.out / "runs",
+        enable_progress_bar=False,
+        callbacks=[curve] if curve else None,
+    )
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    test_seconds = time.perf_counter() - start
+    n_test = len(datamodule.test_data)
+    result = {
+        "model": name,
+        "category": category,
+        "image_AUROC": float(metrics["image_AUROC"]),
+        "pixel_AUROC": float(metrics["pixel_AUROC"]),
+        "pixel_AUPRO": float(metrics["pixel_AUPRO"]),
+        "fit_s": fit_seconds,
+        "test_img_s": n_test / test_seconds,
+    }
+    if curve:
+        result["curve"] = curve.rows
+    return result
+
+
+def table(results: list[dict], categories: list[str]) -> str:
+    """Markdown table, one row per model and category plus the mean over categories."""
+    lines = [
+        "| model | category | image AUROC | pixel AUROC | AUPRO | fit s | test img/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = list(dict.fromkeys(r["model"] for r in results))
+    for name in names:
+        rows = [r for r in results if r["model"] == name]
+        for r in rows:
+            lines.append(
+                f"| {name} | {r['category']} | {r['image_AUROC']:.3f} | {r['pixel_AUROC']:.3f} | "
+                f"{r['pixel_AUPRO']:.3f} | {r['fit_s']:.0f} | {r['test_img_s']:.1f} |"
+            )
+        if len(rows) == len(categories) and len(categories) > 1:
+            mean = {key: np.mean([r[key] for r in rows]) for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")}
+            lines.append(
+                f"| **{name}** | **mean** | **{mean['image_AUROC']:.3f}** | **{mean['pixel_AUROC']:.3f}** | "
+                f"**{mean['pixel_AUPRO']:.3f}** | {np.mean([r['fit_s'] for r in rows]):.0f} | "
+                f"{np.mean([r['test_img_s'] for r in rows]):.1f} |"
+            )
+    curves = [r for r in results if "curve" in r]
+    if curves:
+        lines += [
+            "",
+            "FocusDist test metrics after each epoch (image / pixel AUROC; reported, never used to choose):",
+            "",
+        ]
+        epochs = [row["epoch"] for row in curves[0]["curve"]]
+        lines.append("| category | " + " | ".join(f"epoch {e}" for e in epochs) + " |")
+        lines.append("|---|" + "---|" * len(epochs))
+        for r in curves:
+            cells = " | ".join(f"{row['image_AUROC']:.3f} / {row['pixel_AUROC']:.3f}" for row in r["curve"])
+            lines.append(f"| {r['category']} | {cells} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Parse arguments, run every model on every category, print the table and save the results."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, required=True, help="MVTec-format dataset root")
+    parser.add_argument("--categories", nargs="+", default=["brick", "coffee_pose", "grass", "gravel"])
+    parser.add_argument("--models", nargs="+", default=["Padim", "Patchcore", *ABLATIONS])
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0", choices=sorted(LAYERS))
+    parser.add_argument("--backbone-weights", default=None, help="local weights file for FocusDist")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("results/quality"))
+    args = parser.parse_args()
+    if not args.root.is_dir():
+        parser.error(f"--root {args.root} is not a folder: generate the dataset first or pass an MVTec-format root.")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.models:
+        for category in args.categories:
+            result = run(name, category, args)
+            results.append(result)
+            print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
+            (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    report = table(results, args.categories)
+    (args.out / "table.md").write_text(report + "\n")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
