@@ -90,11 +90,18 @@ def build_model(name: str, backbone: str, weights: str | None) -> FocusDist | Pa
     """Create a model with the benchmark's evaluator."""
     layers = LAYERS[backbone]
     if name == "Padim":
-        return Padim(backbone=backbone, layers=layers, n_features=100, evaluator=evaluator())
+        return Padim(backbone=backbone, layers=layers, n_features=100, evaluator=evaluator(), visualizer=False)
     if name == "Patchcore":
-        return Patchcore(backbone=backbone, layers=layers[1:], coreset_sampling_ratio=0.01, evaluator=evaluator())
+        return Patchcore(
+            backbone=backbone, layers=layers[1:], coreset_sampling_ratio=0.01, evaluator=evaluator(), visualizer=False
+        )
     return FocusDist(
-        backbone=backbone, layers=layers, backbone_weights=weights, evaluator=evaluator(), **ABLATIONS[name]
+        backbone=backbone,
+        layers=layers,
+        backbone_weights=weights,
+        evaluator=evaluator(),
+        visualizer=False,
+        **ABLATIONS[name],
     )
 
 

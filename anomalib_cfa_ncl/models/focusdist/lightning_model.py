@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
+from anomalib.utils.serialization import anomalib_safe_globals
 from anomalib.visualization import Visualizer
 from kornia.augmentation import RandomAffine
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -33,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FocusDist"]
 
+# a key only a FocusDist checkpoint has: it tells our checkpoints from other models' ones
+SIGNATURE_KEY = "model.gaussian.precision_scale"
 DEFAULT_MAX_EPOCHS = 5
 LIGHTNING_FALLBACK_MAX_EPOCHS = 1000  # what Lightning uses when neither max_epochs nor max_steps is set
 
@@ -240,3 +244,51 @@ class FocusDist(AnomalibModule):
             gaussian.finalize(reduce)
         self.model.train(was_training)
         self._statistics_stale = False
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> FocusDist:  # type: ignore[override]
+        """Load a FocusDist checkpoint, with a one-line error for a corrupted file or another model's checkpoint.
+
+        Args:
+            checkpoint_path (str | Path): The ``.ckpt`` file.
+            *args: Passed to :meth:`AnomalibModule.load_from_checkpoint`.
+            **kwargs: Passed to :meth:`AnomalibModule.load_from_checkpoint` (e.g. ``map_location="cpu"``).
+
+        Returns:
+            FocusDist: The restored model.
+        """
+        check_checkpoint(read_checkpoint(checkpoint_path), checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse another model's checkpoint before its weights are loaded (``Engine(..., ckpt_path=...)``)."""
+        check_checkpoint(checkpoint, "the checkpoint")
+        super().on_load_checkpoint(checkpoint)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint on the CPU (``weights_only=True``) with a one-line error for an unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"Checkpoint {str(path)!r} does not exist: give the path of a FocusDist .ckpt file."
+        raise FileNotFoundError(msg)
+    try:
+        with anomalib_safe_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        msg = (
+            f"Could not read checkpoint {str(path)!r} ({type(error).__name__}): the file is corrupted or not a "
+            "PyTorch Lightning checkpoint; train again or copy the file again."
+        )
+        raise ValueError(msg) from error
+
+
+def check_checkpoint(checkpoint: dict[str, Any], source: str | Path) -> None:
+    """Raise a one-line error unless ``checkpoint`` holds a fitted FocusDist."""
+    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+    if SIGNATURE_KEY not in state:
+        msg = (
+            f"{source} is not a FocusDist checkpoint (it has no fitted FocusDist statistics): load it with the "
+            "model class that wrote it, or train FocusDist first."
+        )
+        raise ValueError(msg)

@@ -29,6 +29,7 @@ FEATURE_MAX_ANGLE = math.pi / 8
 FEATURE_MAX_SCALE = 1.1
 FEATURE_MAX_SHIFT = 0.1
 SUBSET_SEED = 0
+INPUT_LIMIT = 1e3  # normalised images lie within about +-3; clamping far outside keeps every score finite
 
 
 class NCLHead(nn.Module):
@@ -217,7 +218,7 @@ class FocusDistModel(nn.Module):
 
         """
         self._check_input(images)
-        aligned, image_theta = self.align_images(images)
+        aligned, image_theta = self.align_images(images.clamp(-INPUT_LIMIT, INPUT_LIMIT))
         features = self.feature_extractor(aligned)
         if self.feature_transformers is None:
             thetas = [identity_theta(images.shape[0], images.device, images.dtype)] * len(features)
@@ -237,6 +238,12 @@ class FocusDistModel(nn.Module):
                 f"Input {tuple(images.shape[-2:])} is smaller than the backbone's stride {self.min_input_size}: "
                 f"resize images to at least {self.min_input_size}x{self.min_input_size} "
                 "(the default pre-processor resizes to 256)."
+            )
+            raise ValueError(msg)
+        if not torch.compiler.is_exporting() and not torch.isfinite(images).all():
+            msg = (
+                "The image batch contains NaN or Inf values: check the image files and the pre-processing "
+                "(e.g. a Normalize with a zero std)."
             )
             raise ValueError(msg)
 
