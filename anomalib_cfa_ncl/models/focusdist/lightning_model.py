@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from anomalib import LearningType
-from anomalib.data import Batch
+from anomalib.data import AnomalibDataModule, Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.utils.serialization import anomalib_safe_globals
@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from .export import check_export_input_size, quantize_feature_network
 from .loss import FocusDistLoss
 from .torch_model import FocusDistModel
 
@@ -264,6 +265,22 @@ class FocusDist(AnomalibModule):
         """Refuse another model's checkpoint before its weights are loaded (``Engine(..., ckpt_path=...)``)."""
         check_checkpoint(checkpoint, "the checkpoint")
         super().on_load_checkpoint(checkpoint)
+
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Export to ONNX (also the first step of OpenVINO), first checking that ``input_size`` fits the statistics."""
+        check_export_input_size(self.model, self.pre_processor, input_size)
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
+    @staticmethod
+    def _post_training_quantization_ov(model: Any, datamodule: AnomalibDataModule | None = None) -> Any:
+        """``INT8_PTQ`` on an OpenVINO model: only the feature network is quantised, the scoring stays in float."""
+        return quantize_feature_network(model, datamodule)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
