@@ -180,6 +180,8 @@ class FocusDistModel(nn.Module):
         self.feature_index: torch.Tensor
         self.gaussian = StreamingGaussian(regularization, statistics_dtype)
         self.anomaly_map_generator = AnomalyMapGenerator(blur_sigma)
+        # Lightning 2.6 starts fitting in whatever mode the modules are in, so freeze BatchNorm now, not on .train()
+        self.train()
 
     def train(self, mode: bool = True) -> FocusDistModel:
         """Set the training mode, keeping the backbone's BatchNorm statistics frozen (fine-tuning)."""
