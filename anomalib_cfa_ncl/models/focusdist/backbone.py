@@ -80,7 +80,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_backbone_weights(model: nn.Module, path: str | Path, backbone: str) -> None:
     """Load a local state dict (timm key names) into a ``features_only`` model, checking every tensor.
 
-    Keys the feature model does not use (e.g. the classifier) are ignored; a missing key or a shape mismatch
+    Keys of the full model that the feature model does not use (e.g. the classifier) are ignored; a missing
+    key, a shape mismatch or a key the architecture does not have (e.g. the extra blocks of a deeper variant)
     means the file belongs to another architecture and raises.
 
     Args:
@@ -97,11 +98,14 @@ def load_backbone_weights(model: nn.Module, path: str | Path, backbone: str) -> 
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     mismatched = [key for key in expected if key in state and state[key].shape != expected[key].shape]
-    if missing or mismatched:
-        example = missing[0] if missing else f"{mismatched[0]} {tuple(state[mismatched[0]].shape)}"
+    full_model_keys = set(timm.create_model(backbone, pretrained=False).state_dict())
+    foreign = [key for key in state if key not in full_model_keys and key not in expected]
+    if missing or mismatched or foreign:
+        example = (missing or foreign or [f"{mismatched[0]} {tuple(state[mismatched[0]].shape)}"])[0]
         msg = (
-            f"backbone_weights {str(path)!r} do not fit backbone {backbone!r}: {len(missing)} tensors missing and "
-            f"{len(mismatched)} of another shape (e.g. {example}). Give the weights of {backbone!r} in timm key names."
+            f"backbone_weights {str(path)!r} do not fit backbone {backbone!r}: {len(missing)} tensors missing, "
+            f"{len(mismatched)} of another shape and {len(foreign)} unknown (e.g. {example}). "
+            f"Give the weights of {backbone!r} in timm key names."
         )
         raise ValueError(msg)
     model.load_state_dict({key: state[key] for key in expected})
