@@ -163,3 +163,60 @@ def test_seeded_trainings_give_identical_scores(tiny_dataset_root: Path, tmp_pat
     first = _test_scores(tiny_dataset_root, tmp_path / "a")
     second = _test_scores(tiny_dataset_root, tmp_path / "b")
     assert torch.equal(first, second)
+
+
+def _grayscale_16bit_copy(root: Path, target: Path) -> None:
+    """Copy the tiny dataset with every image stored as 16-bit grayscale (a 12-bit camera's range)."""
+    import cv2
+    import numpy as np
+
+    for path in root.rglob("*.png"):
+        destination = target / path.relative_to(root)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if "ground_truth" not in path.parts:
+            image = (image.astype(np.uint16) * 16).astype(np.uint16)  # 0..4080, as from a 12-bit sensor
+        cv2.imwrite(str(destination), image)
+
+
+def test_16bit_images_are_refused_and_convert_without_clipping(tiny_dataset_root: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from anomalib_cfa_ncl.data.convert import convert_dataset
+
+    deep = tmp_path / "deep"
+    _grayscale_16bit_copy(tiny_dataset_root, deep)
+    with pytest.raises(ValueError, match="16-bit grayscale") as error:
+        tiny_engine(tmp_path).fit(tiny_model(), datamodule=tiny_datamodule(deep))
+    _one_line(error)
+
+    converted = tmp_path / "converted"
+    assert convert_dataset(deep, converted) == len(list(deep.rglob("*.png"))) - len(list(deep.rglob("*_mask.png")))
+    sample = next((converted / "coffee" / "train" / "good").glob("*.png"))
+    pixels = np.asarray(Image.open(sample))
+    original = np.asarray(Image.open(deep / sample.relative_to(converted))).astype(float)
+    assert pixels.ndim == 3 and pixels.dtype == np.uint8
+    assert (pixels[..., 0] == 255).mean() < 0.2  # not clipped to white
+    assert np.corrcoef(pixels[..., 0].ravel(), original.ravel())[0, 1] > 0.99
+    with pytest.raises(FileExistsError):
+        convert_dataset(deep, converted)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_grayscale_and_rgba_files_are_read_as_rgb(tiny_dataset_root: Path, tmp_path: Path, mode: str) -> None:
+    """anomalib's reader converts 8-bit grayscale and RGBA files to RGB; FocusDist accepts them."""
+    from PIL import Image
+
+    from anomalib_cfa_ncl.data.convert import check_image_files
+
+    target = tmp_path / mode
+    for path in tiny_dataset_root.rglob("*.png"):
+        destination = target / path.relative_to(tiny_dataset_root)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.open(path)
+        (image if "ground_truth" in path.parts else image.convert(mode)).save(destination)
+    check_image_files(target.rglob("*.png"))
+    datamodule = tiny_datamodule(target)
+    datamodule.setup()
+    assert datamodule.train_data[0].image.shape[0] == 3

@@ -24,10 +24,14 @@ from anomalib.models.components import AnomalibModule
 from anomalib.utils.serialization import anomalib_safe_globals
 from anomalib.visualization import Visualizer
 from kornia.augmentation import RandomAffine
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from anomalib_cfa_ncl.data.convert import check_image_files
+
+from ...visualization import AlignmentVisualizer
 from .export import check_export_input_size, quantize_feature_network
 from .loss import FocusDistLoss
 from .torch_model import FocusDistModel
@@ -154,12 +158,23 @@ class FocusDist(AnomalibModule):
         return LearningType.ONE_CLASS
 
     def setup(self, stage: str) -> None:
-        """Bound the training length when the user gave no ``max_epochs`` or ``max_steps``."""
+        """Refuse image files anomalib would misread, and bound training when no length was given."""
         trainer = self._trainer
-        unbounded = trainer is not None and trainer.max_steps == -1
-        if stage == "fit" and unbounded and trainer.fit_loop.max_epochs == LIGHTNING_FALLBACK_MAX_EPOCHS:
+        if trainer is None:
+            return
+        self._check_dataset_images(trainer.datamodule)
+        unbounded = trainer.max_steps == -1 and trainer.fit_loop.max_epochs == LIGHTNING_FALLBACK_MAX_EPOCHS
+        if stage == "fit" and unbounded:
             logger.info("FocusDist: no max_epochs given, training %d epochs.", DEFAULT_MAX_EPOCHS)
             trainer.fit_loop.max_epochs = DEFAULT_MAX_EPOCHS
+
+    @staticmethod
+    def _check_dataset_images(datamodule: object) -> None:
+        """Check the image files of the datamodule's datasets (file headers only, so it is cheap)."""
+        for name in ("train_data", "val_data", "test_data"):
+            samples = getattr(getattr(datamodule, name, None), "samples", None)
+            if samples is not None and "image_path" in samples:
+                check_image_files(samples["image_path"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """Adam with a small learning rate for the backbone and a larger one for the new modules."""
@@ -172,6 +187,10 @@ class FocusDist(AnomalibModule):
         if self.model.image_transformer is not None or self.model.ncl_heads is not None:
             groups.append({"params": heads, "lr": self.lr})
         return torch.optim.Adam(groups) if groups else None
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Add the alignment view (each image beside its coarse alignment) to anomalib's callbacks."""
+        return [*super().configure_callbacks(), AlignmentVisualizer()]
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Align, extract features and compute the NCL and ICA losses of one batch."""
