@@ -1,5 +1,6 @@
-"""Data helpers of anomalib_cfa_ncl."""
+"""Data helpers of anomalib_cfa_ncl: the ``MVTec`` and ``BTAD`` datamodules and small synthetic datasets."""
 
-from .synthetic import make_mvtec_dataset
+from .datamodules import BTAD, MVTec
+from .synthetic import make_btad_dataset, make_mvtec_dataset
 
-__all__ = ["make_mvtec_dataset"]
+__all__ = ["BTAD", "MVTec", "make_btad_dataset", "make_mvtec_dataset"]

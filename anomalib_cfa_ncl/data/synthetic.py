@@ -10,8 +10,11 @@ readable by anomalib's ``MVTecAD`` datamodule (``root=root, category=category``)
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -119,4 +122,38 @@ def make_mvtec_dataset(
             image, mask = defect(_posed(base, rng, max_angle, max_shift), rng)
             _write(folder / "test" / name / f"{index:03d}.png", image)
             _write(folder / "ground_truth" / name / f"{index:03d}_mask.png", mask * 255)
+    return folder
+
+
+def make_btad_dataset(root: str | Path, category: str = "01", photo: str = "coffee", **kwargs: Any) -> Path:
+    """Write a small category in BTAD layout (anomalib's ``BTech``), with the images of :func:`make_mvtec_dataset`.
+
+    Layout: ``root/<category>/{train/ok, test/ok, test/ko, ground_truth/ko/<name>.png}``.
+
+    Args:
+        root (str | Path): Dataset root; the category folder is created below it.
+        category (str): Name of the category folder, e.g. ``"01"``.
+        photo (str): The photo used, one of ``"coffee"``, ``"astronaut"`` and ``"chelsea"``.
+        **kwargs: Sizes and poses, as for :func:`make_mvtec_dataset`.
+
+    Returns:
+        Path: The category folder.
+
+    Example:
+        >>> folder = make_btad_dataset("datasets/BTech", n_train=8)  # doctest: +SKIP
+
+    """
+    folder = Path(root) / category
+    with tempfile.TemporaryDirectory() as scratch:
+        mvtec = make_mvtec_dataset(scratch, photo, **kwargs)
+        for image in sorted(mvtec.glob("*/*/*.png")):
+            split, label = image.parent.parent.name, image.parent.name
+            if split == "ground_truth":
+                target = folder / split / "ko" / f"{label}_{image.name.removesuffix('_mask.png')}.png"
+            elif label == "good":
+                target = folder / split / "ok" / image.name
+            else:
+                target = folder / split / "ko" / f"{label}_{image.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(image, target)
     return folder

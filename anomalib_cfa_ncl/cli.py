@@ -1,0 +1,113 @@
+"""One-line errors in anomalib's CLI for the mistakes FocusDist and its datamodules explain.
+
+anomalib prints a full (rich) stack trace for any error. When the cause is an ordinary mistake (an unknown
+backbone or layer, an unknown category, a missing dataset folder), anomalib_cfa_ncl raises an exception whose
+message already says the fix; the CLI then prints just that message. Everything else keeps anomalib's trace.
+
+The plugin hook (``anomalib_cfa_ncl_plugin``) calls :func:`install_error_reporting` when ``anomalib.cli.cli``
+is imported, so it acts in the ``anomalib`` command only, never in user programs.
+
+Example:
+    >>> try:
+    ...     FocusDist(backbone="resnet1000")  # doctest: +SKIP
+    ... except ValueError as error:
+    ...     print(user_error(error))  # doctest: +SKIP
+    Unknown backbone 'resnet1000': use a timm model name such as 'resnet18' (...) Did you mean 'resnet200', ...?
+
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import linecache
+import sys
+from pathlib import Path
+from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _raised_on_purpose(error: BaseException) -> bool:
+    """Whether a ``raise`` statement of this package raised ``error`` (not a bug deeper down, e.g. in torch)."""
+    traceback = error.__traceback__
+    if traceback is None:
+        return False
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    filename = Path(traceback.tb_frame.f_code.co_filename).resolve()
+    if PACKAGE_DIR not in filename.parents:
+        return False
+    return linecache.getline(str(filename), traceback.tb_lineno).lstrip().startswith("raise ")
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """Return the exception in ``error``'s chain that this package raised to explain a mistake, if any.
+
+    Args:
+        error (BaseException): The exception that ended the command.
+
+    Returns:
+        BaseException | None: The explaining exception (its message says the fix), or ``None`` for other errors.
+
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, Exception) and _raised_on_purpose(current):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _instantiate(class_type: type, *args: Any, **kwargs: Any) -> Any:
+    """Instantiate a model or datamodule for jsonargparse, stopping with the message of an explained mistake.
+
+    jsonargparse would fold the exception into a multi-line "Does not validate against any of the Union
+    subtypes" error and anomalib would print its trace; a ``SystemExit`` passes through both.
+    """
+    try:
+        return class_type(*args, **kwargs)
+    except Exception as error:
+        explained = user_error(error)
+        if explained is None:
+            raise
+        raise SystemExit(f"error: {explained}") from error
+
+
+def _excepthook(previous: Any) -> Any:
+    """Wrap ``sys.excepthook``: one line for an explained mistake, the previous hook for anything else."""
+
+    def hook(exc_type: type[BaseException], exc: BaseException, traceback: Any) -> None:
+        explained = user_error(exc)
+        if explained is None:
+            previous(exc_type, exc, traceback)
+        else:
+            print(f"error: {explained}", file=sys.stderr)
+
+    hook.focusdist = True  # type: ignore[attr-defined]
+    return hook
+
+
+def install_error_reporting() -> None:
+    """Make anomalib's CLI report explained mistakes in one line (idempotent)."""
+    from anomalib.data import AnomalibDataModule
+    from anomalib.models import AnomalibModule
+
+    # Called while anomalib.cli.cli finishes importing: take it from sys.modules, not from its parent package.
+    cli_class = importlib.import_module("anomalib.cli.cli").AnomalibCLI
+    if not getattr(cli_class.init_parser, "focusdist", False):
+        original = cli_class.init_parser
+
+        @functools.wraps(original)
+        def init_parser(**kwargs: Any) -> Any:
+            parser = original(**kwargs)
+            for base in (AnomalibModule, AnomalibDataModule):
+                parser.add_instantiator(_instantiate, base)
+            return parser
+
+        init_parser.focusdist = True  # type: ignore[attr-defined]
+        cli_class.init_parser = staticmethod(init_parser)
+    if not getattr(sys.excepthook, "focusdist", False):
+        sys.excepthook = _excepthook(sys.excepthook)
