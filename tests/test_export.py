@@ -32,6 +32,7 @@ ov = pytest.importorskip("openvino")
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 PARITY_TOLERANCE = 1e-3  # normalised scores and maps, FP32 IR against PyTorch
+THRESHOLD = 0.5  # the post-processor's normalised threshold
 FP16_TOLERANCE = 1e-2  # FP16 weights: measured 1e-4 to 1e-3 on the tiny model
 INT8_TOLERANCE = 0.1  # INT8 feature network: measured about 2e-2; whole-graph PTQ gave 0.8 (constant maps)
 EXAMPLE = Path(__file__).parents[1] / "examples" / "edge_inference.py"
@@ -59,8 +60,10 @@ def storages_tagged(location: str) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def cuda_checkpoint(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same checkpoint, written as a CUDA training run writes it: every tensor tagged ``cuda:0``."""
+    """The same checkpoint as a GPU training machine writes it: every tensor tagged ``cuda:0``, and the backbone
+    built from ImageNet weights in a local file that this machine does not have."""
     content = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    content["hyper_parameters"].update(pre_trained=True, backbone_weights="/training-machine/resnet18.safetensors")
     path = tmp_path_factory.mktemp("cuda_checkpoint") / "model.ckpt"
     with storages_tagged("cuda:0"):
         torch.save(content, path)
@@ -116,10 +119,20 @@ def openvino_predict(inferencer: OpenVINOInferencer, image: torch.Tensor) -> dic
 
 
 def largest_differences(expected: list[dict], actual: list[dict]) -> tuple[float, float, int]:
-    """Largest score and map differences and the number of differing labels."""
-    score = max(float(np.abs(e["pred_score"] - a["pred_score"]).max()) for e, a in zip(expected, actual, strict=True))
-    maps = max(float(np.abs(e["anomaly_map"] - a["anomaly_map"]).max()) for e, a in zip(expected, actual, strict=True))
-    labels = sum(int(e["pred_label"].item() != a["pred_label"].item()) for e, a in zip(expected, actual, strict=True))
+    """Largest score and map differences, and the number of differing labels away from the threshold.
+
+    anomalib's adaptive threshold is the score of one validation image, and the tiny datamodule validates on its
+    test images, so one test image scores exactly the (normalised) threshold 0.5: its label may flip on a
+    difference of 1e-7. Labels are compared where the reference score is farther than the tolerance from 0.5.
+    """
+    pairs = list(zip(expected, actual, strict=True))
+    score = max(float(np.abs(e["pred_score"] - a["pred_score"]).max()) for e, a in pairs)
+    maps = max(float(np.abs(e["anomaly_map"] - a["anomaly_map"]).max()) for e, a in pairs)
+    labels = sum(
+        int(e["pred_label"].item() != a["pred_label"].item())
+        for e, a in pairs
+        if abs(float(e["pred_score"].item()) - THRESHOLD) > PARITY_TOLERANCE
+    )
     return score, maps, labels
 
 

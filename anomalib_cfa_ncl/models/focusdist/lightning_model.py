@@ -273,11 +273,14 @@ class FocusDist(AnomalibModule):
             checkpoint_path (str | Path): The ``.ckpt`` file.
             *args: Passed to :meth:`AnomalibModule.load_from_checkpoint`.
             **kwargs: Passed to :meth:`AnomalibModule.load_from_checkpoint` (e.g. ``map_location="cpu"``).
+                ``pre_trained`` defaults to ``False``: the checkpoint holds every weight, so the ImageNet download
+                (or the training machine's ``backbone_weights`` file) is not needed, e.g. on an offline machine.
 
         Returns:
             FocusDist: The restored model.
         """
         check_checkpoint(read_checkpoint(checkpoint_path), checkpoint_path)
+        kwargs.setdefault("pre_trained", False)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
