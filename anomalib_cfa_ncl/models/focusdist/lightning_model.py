@@ -75,7 +75,7 @@ class FocusDist(AnomalibModule):
             invariance. Defaults to ``1e-4``.
         map_stride (int): Stride of the scoring grid. Defaults to ``8``.
         local_aggregation (int): Neighbourhood pooled into each location before scoring. Defaults to ``3``.
-        projection_dim (int): Width of the NCL projector. Defaults to ``256``.
+        projection_dim (int): Width of the NCL projector. Defaults to ``128``.
         regularization (float): Covariance ridge relative to the mean feature variance. Defaults to ``0.01``.
         statistics_dtype (str): Storage of the precision matrices, ``"float16"`` or ``"float32"``.
             Defaults to ``"float16"``.
@@ -108,7 +108,7 @@ class FocusDist(AnomalibModule):
         backbone_lr: float = 1e-4,
         map_stride: int = 8,
         local_aggregation: int = 3,
-        projection_dim: int = 256,
+        projection_dim: int = 128,
         regularization: float = 0.01,
         statistics_dtype: str = "float16",
         pre_processor: nn.Module | bool = True,
