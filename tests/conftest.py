@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 
-
 @pytest.fixture(scope="session")
 def tiny_dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny MVTec-format category (8 train, 4 good and 2 x 2 defective test images, 64 px)."""
