@@ -220,3 +220,33 @@ def test_grayscale_and_rgba_files_are_read_as_rgb(tiny_dataset_root: Path, tmp_p
     datamodule = tiny_datamodule(target)
     datamodule.setup()
     assert datamodule.train_data[0].image.shape[0] == 3
+
+
+def test_empty_training_folder_says_where_to_put_images(tiny_dataset_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "empty"
+    shutil.copytree(tiny_dataset_root, root)
+    for image in (root / "coffee" / "train" / "good").iterdir():
+        image.unlink()
+    with pytest.raises(ValueError, match="training set is empty") as error:
+        tiny_engine(tmp_path).fit(tiny_model(), datamodule=tiny_datamodule(root))
+    assert str(root / "coffee" / "train" / "good") in _one_line(error)
+    assert len(list((root / "coffee" / "test").rglob("*.png"))) > 0  # nothing of the user's data was touched
+
+
+def test_one_image_training_set_gives_finite_scores(tiny_dataset_root: Path, tmp_path: Path) -> None:
+    """A single normal image: the ridge keeps every covariance invertible and the scores finite."""
+    import shutil
+
+    root = tmp_path / "one"
+    shutil.copytree(tiny_dataset_root, root)
+    for image in sorted((root / "coffee" / "train" / "good").iterdir())[1:]:
+        image.unlink()
+    model = tiny_model()
+    engine = tiny_engine(tmp_path)
+    engine.fit(model, datamodule=tiny_datamodule(root))
+    predictions = engine.predict(model, datamodule=tiny_datamodule(root))
+    scores = torch.cat([batch.pred_score for batch in predictions])
+    assert torch.isfinite(scores).all()
+    assert torch.isfinite(torch.cat([batch.anomaly_map for batch in predictions])).all()

@@ -163,10 +163,27 @@ class FocusDist(AnomalibModule):
         if trainer is None:
             return
         self._check_dataset_images(trainer.datamodule)
+        if stage == "fit":
+            self._check_training_set(trainer.datamodule)
         unbounded = trainer.max_steps == -1 and trainer.fit_loop.max_epochs == LIGHTNING_FALLBACK_MAX_EPOCHS
         if stage == "fit" and unbounded:
             logger.info("FocusDist: no max_epochs given, training %d epochs.", DEFAULT_MAX_EPOCHS)
             trainer.fit_loop.max_epochs = DEFAULT_MAX_EPOCHS
+
+    @staticmethod
+    def _check_training_set(datamodule: object) -> None:
+        """Refuse an empty training set before the sampler fails with an obscure message."""
+        train_data = getattr(datamodule, "train_data", None)
+        if train_data is not None and len(train_data) == 0:
+            root = getattr(datamodule, "root", None)
+            category = getattr(datamodule, "category", None)
+            where = f" in {Path(root) / category / 'train' / 'good'}" if root and category else ""
+            msg = (
+                f"The training set is empty: no normal image was found{where}. FocusDist learns from defect-free "
+                "images only; put at least one (ideally 50 or more) there, or point --data.root/--data.category "
+                "at the right folder."
+            )
+            raise ValueError(msg)
 
     @staticmethod
     def _check_dataset_images(datamodule: object) -> None:
