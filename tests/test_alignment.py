@@ -25,6 +25,23 @@ def test_identity_initialised_transformer_returns_its_input() -> None:
     assert torch.allclose(warp(images, theta), images, atol=1e-5)
 
 
+def test_a_pose_shared_by_every_image_is_removed() -> None:
+    """Centring: a transform common to the whole batch is no alignment, in training and in evaluation."""
+    stn = SimilarityTransformer(3)
+    torch.nn.init.normal_(stn.head.bias, std=2.0)  # a shared pose, as the degenerate optimum would learn
+    same = torch.rand(1, 3, 48, 48).expand(4, -1, -1, -1)
+    identity = torch.eye(2, 3).expand(4, 2, 3)
+    stn.train()
+    for _ in range(100):
+        assert torch.allclose(stn(same), identity, atol=1e-5)
+    assert torch.allclose(stn.eval()(same), identity, atol=1e-4)  # the running mean has converged to that pose
+
+    varied = torch.rand(4, 3, 48, 48)
+    torch.nn.init.normal_(stn.head.weight, std=0.1)
+    params = stn.head(stn.localisation(varied))
+    assert torch.allclose(stn.train().centre_pose(params).mean(dim=0), torch.zeros(4), atol=1e-6)
+
+
 def test_compose_and_invert_are_consistent() -> None:
     params = torch.randn(4, 4)
     a = similarity_theta(params, math.pi / 4, math.log(1.25), 0.5)

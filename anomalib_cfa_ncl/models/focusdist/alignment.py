@@ -116,6 +116,11 @@ class SimilarityTransformer(nn.Module):
     The localisation network looks at a fixed-size pooled copy of the input (so its cost does not grow with
     the resolution) and its last layer starts at zero, so the first transform is the identity.
 
+    Poses are centred: in training the batch's mean pose is subtracted from every prediction (and tracked as a
+    running mean, subtracted in evaluation, as BatchNorm does). Aligning images to each other cannot need a
+    transform shared by all of them, and without centring the losses reach a degenerate optimum by exactly
+    that: every image zoomed, turned and shifted to the bounds so that padding fills the frame.
+
     Args:
         in_channels (int): Channels of the input (3 for images).
         pool_size (int): Side of the pooled copy the localisation network sees.
@@ -123,6 +128,7 @@ class SimilarityTransformer(nn.Module):
         max_angle (float): Largest rotation, in radians.
         max_scale (float): Largest zoom factor; the scale lies in ``[1 / max_scale, max_scale]``.
         max_shift (float): Largest translation as a fraction of the side.
+        momentum (float): Update rate of the running mean pose.
 
     Example:
         >>> stn = SimilarityTransformer(in_channels=3)
@@ -140,8 +146,10 @@ class SimilarityTransformer(nn.Module):
         max_angle: float = math.pi / 4,
         max_scale: float = 1.25,
         max_shift: float = 0.25,
+        momentum: float = 0.1,
     ) -> None:
         super().__init__()
+        self.momentum = momentum
         self.max_angle = max_angle
         self.max_log_scale = math.log(max_scale)
         self.max_shift = 2 * max_shift  # normalised coordinates span 2 per side
@@ -163,6 +171,8 @@ class SimilarityTransformer(nn.Module):
         self.head = nn.Linear(64, 4)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.register_buffer("running_pose", torch.zeros(4))
+        self.running_pose: torch.Tensor
         self.last_theta: torch.Tensor | None = None
 
     def forward(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -175,8 +185,25 @@ class SimilarityTransformer(nn.Module):
             torch.Tensor: Affine matrices for :func:`warp`, shape ``(B, 2, 3)``.
 
         """
-        params = self.head(self.localisation(tensor))
+        params = self.centre_pose(self.head(self.localisation(tensor)))
         return similarity_theta(params, self.max_angle, self.max_log_scale, self.max_shift)
+
+    def centre_pose(self, params: torch.Tensor) -> torch.Tensor:
+        """Subtract the mean pose: the batch's in training (tracking it), the running mean in evaluation.
+
+        Args:
+            params (torch.Tensor): Raw pose parameters, shape ``(B, 4)``.
+
+        Returns:
+            torch.Tensor: Centred parameters, shape ``(B, 4)``.
+
+        """
+        if not self.training:
+            return params - self.running_pose.to(params.dtype)
+        mean = params.mean(dim=0)
+        with torch.no_grad():
+            self.running_pose.lerp_(mean.detach().to(self.running_pose.dtype), self.momentum)
+        return params - mean
 
     def warp_output_hook(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         """Forward hook for a backbone stage: align its output so the next stage consumes aligned features.
