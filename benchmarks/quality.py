@@ -86,7 +86,9 @@ class EpochCurve(Callback):
         )
 
 
-def build_model(name: str, backbone: str, weights: str | None) -> FocusDist | Padim | Patchcore:
+def build_model(
+    name: str, backbone: str, weights: str | None, variants: dict[str, dict]
+) -> FocusDist | Padim | Patchcore:
     """Create a model with the benchmark's evaluator."""
     layers = LAYERS[backbone]
     if name == "Padim":
@@ -101,7 +103,7 @@ def build_model(name: str, backbone: str, weights: str | None) -> FocusDist | Pa
         backbone_weights=weights,
         evaluator=evaluator(),
         visualizer=False,
-        **ABLATIONS[name],
+        **{**ABLATIONS, **variants}[name],
     )
 
 
@@ -117,10 +119,10 @@ def run(name: str, category: str, args: argparse.Namespace) -> dict:
         seed=args.seed,
     )
     datamodule.setup()
-    model = build_model(name, args.backbone, args.backbone_weights)
+    model = build_model(name, args.backbone, args.backbone_weights, args.variants)
     focusdist = isinstance(model, FocusDist)
-    curve = EpochCurve(datamodule) if focusdist and name == "FocusDist" else None
     trained = focusdist and (model.model.ncl_heads is not None or model.model.image_transformer is not None)
+    curve = EpochCurve(datamodule) if trained and (name == "FocusDist" or name in args.variants) else None
     engine = Engine(
         max_epochs=args.epochs if trained else 1,
         accelerator="cpu",
@@ -188,6 +190,18 @@ def table(results: list[dict], categories: list[str]) -> str:
     return "\n".join(lines)
 
 
+def parse_variants(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, dict]:
+    """Parse ``NAME=JSON`` variant specifications into constructor arguments per name."""
+    variants = {}
+    for spec in specs:
+        name, _, arguments = spec.partition("=")
+        try:
+            variants[name.strip()] = json.loads(arguments)
+        except json.JSONDecodeError as error:
+            parser.error(f'--variant {spec!r}: expected NAME={{"argument": value}} with JSON arguments ({error}).')
+    return variants
+
+
 def main() -> None:
     """Parse arguments, run every model on every category, print the table and save the results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,7 +215,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/quality"))
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar='NAME={"arg": value}',
+        help="an extra FocusDist row: a name and the constructor arguments (JSON) it changes; repeatable",
+    )
     args = parser.parse_args()
+    args.variants = parse_variants(parser, args.variant)
+    args.models += [name for name in args.variants if name not in args.models]
     if not args.root.is_dir():
         parser.error(f"--root {args.root} is not a folder: generate the dataset first or pass an MVTec-format root.")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
