@@ -6,6 +6,7 @@ metrics after every epoch (reported only: the schedule is fixed in advance, test
 
 Usage:
     python benchmarks/quality.py --root DATA [--categories a b ...] [--epochs 5] [--out results/quality]
+    python benchmarks/quality.py --report results/a/results.json results/b/results.json
 
 DATA is an MVTec-format root (e.g. written by the development benchmark generator). With the default
 ``--backbone tf_efficientnet_lite0`` the ImageNet weights must be in timm's cache (offline: set HF_HUB_OFFLINE=1
@@ -80,6 +81,15 @@ class EpochCurve(Callback):
         self.rows.append(
             {
                 "epoch": trainer.current_epoch + 1,
+                **{
+                    name: float(trainer.callback_metrics[key])
+                    for name, key in (
+                        ("train_loss", "train_loss_epoch"),
+                        ("ncl_loss", "train_ncl_loss"),
+                        ("ica_loss", "train_ica_loss"),
+                    )
+                    if key in trainer.callback_metrics
+                },
                 "image_AUROC": roc_auc_score(torch.cat(labels).numpy(), torch.cat(scores).numpy()),
                 "pixel_AUROC": roc_auc_score(pixel_masks, pixel_maps),
             }
@@ -178,15 +188,15 @@ def table(results: list[dict], categories: list[str]) -> str:
     if curves:
         lines += [
             "",
-            "FocusDist test metrics after each epoch (image / pixel AUROC; reported, never used to choose):",
+            "FocusDist test metrics after each epoch (image / pixel AUROC; reported, not a stopping rule):",
             "",
         ]
         epochs = [row["epoch"] for row in curves[0]["curve"]]
-        lines.append("| category | " + " | ".join(f"epoch {e}" for e in epochs) + " |")
-        lines.append("|---|" + "---|" * len(epochs))
+        lines.append("| model | category | " + " | ".join(f"epoch {e}" for e in epochs) + " |")
+        lines.append("|---|---|" + "---|" * len(epochs))
         for r in curves:
             cells = " | ".join(f"{row['image_AUROC']:.3f} / {row['pixel_AUROC']:.3f}" for row in r["curve"])
-            lines.append(f"| {r['category']} | {cells} |")
+            lines.append(f"| {r['model']} | {r['category']} | {cells} |")
     return "\n".join(lines)
 
 
@@ -205,7 +215,7 @@ def parse_variants(parser: argparse.ArgumentParser, specs: list[str]) -> dict[st
 def main() -> None:
     """Parse arguments, run every model on every category, print the table and save the results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, required=True, help="MVTec-format dataset root")
+    parser.add_argument("--root", type=Path, help="MVTec-format dataset root")
     parser.add_argument("--categories", nargs="+", default=["brick", "coffee_pose", "grass", "gravel"])
     parser.add_argument("--models", nargs="+", default=["Padim", "Patchcore", *ABLATIONS])
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", choices=sorted(LAYERS))
@@ -222,10 +232,21 @@ def main() -> None:
         metavar='NAME={"arg": value}',
         help="an extra FocusDist row: a name and the constructor arguments (JSON) it changes; repeatable",
     )
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="print the table of earlier runs' results.json files (e.g. of runs split over processes) and exit",
+    )
     args = parser.parse_args()
+    if args.report:
+        results = [row for path in args.report for row in json.loads(path.read_text())]
+        print(table(results, list(dict.fromkeys(row["category"] for row in results))))
+        return
     args.variants = parse_variants(parser, args.variant)
     args.models += [name for name in args.variants if name not in args.models]
-    if not args.root.is_dir():
+    if args.root is None or not args.root.is_dir():
         parser.error(f"--root {args.root} is not a folder: generate the dataset first or pass an MVTec-format root.")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
