@@ -72,7 +72,7 @@ class FocusDist(AnomalibModule):
         ica_weight (float): Weight of the image-alignment loss. Defaults to ``1.0``.
         lr (float): Learning rate of the transformers and NCL heads. Defaults to ``1e-3``.
         backbone_lr (float): Learning rate of the backbone; larger rates collapse the features towards
-            invariance. Defaults to ``1e-4``.
+            invariance. Defaults to ``1e-5``.
         map_stride (int): Stride of the scoring grid. Defaults to ``8``.
         local_aggregation (int): Neighbourhood pooled into each location before scoring. Defaults to ``3``.
         projection_dim (int): Width of the NCL projector. Defaults to ``128``.
@@ -105,7 +105,7 @@ class FocusDist(AnomalibModule):
         pose_augmentation: bool = True,
         ica_weight: float = 1.0,
         lr: float = 1e-3,
-        backbone_lr: float = 1e-4,
+        backbone_lr: float = 1e-5,
         map_stride: int = 8,
         local_aggregation: int = 3,
         projection_dim: int = 128,
