@@ -90,8 +90,42 @@ def _excepthook(previous: Any) -> Any:
     return hook
 
 
+def seed_from_config(config: Any) -> int | None:
+    """Seed every generator with the parsed ``--seed_everything`` when it is a number.
+
+    anomalib 2.7's CLI accepts ``--seed_everything`` but never applies it, so seeded runs of ``anomalib train``
+    differed. ``True`` (anomalib's default) keeps the run unseeded, as before.
+
+    Args:
+        config (Any): The parsed CLI configuration (a jsonargparse namespace or a mapping).
+
+    Returns:
+        int | None: The seed applied, or ``None`` when none was given.
+
+    """
+    subcommand = config.get("subcommand")
+    seed = (config.get(subcommand) or {}).get("seed_everything") if subcommand else config.get("seed_everything")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return None
+    from lightning.pytorch import seed_everything
+
+    return seed_everything(seed, workers=True)
+
+
+def _seeded(instantiate_classes: Any) -> Any:
+    """Wrap ``AnomalibCLI.instantiate_classes`` so the seed is applied before models and data are built."""
+
+    @functools.wraps(instantiate_classes)
+    def wrapper(self: Any) -> None:
+        seed_from_config(self.config)
+        instantiate_classes(self)
+
+    wrapper.focusdist = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def install_error_reporting() -> None:
-    """Make anomalib's CLI report explained mistakes in one line (idempotent)."""
+    """Make anomalib's CLI report explained mistakes in one line and honour ``--seed_everything`` (idempotent)."""
     from anomalib.data import AnomalibDataModule
     from anomalib.models import AnomalibModule
 
@@ -109,5 +143,7 @@ def install_error_reporting() -> None:
 
         init_parser.focusdist = True  # type: ignore[attr-defined]
         cli_class.init_parser = staticmethod(init_parser)
+    if not getattr(cli_class.instantiate_classes, "focusdist", False):
+        cli_class.instantiate_classes = _seeded(cli_class.instantiate_classes)
     if not getattr(sys.excepthook, "focusdist", False):
         sys.excepthook = _excepthook(sys.excepthook)

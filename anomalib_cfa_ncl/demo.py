@@ -53,6 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     parser.add_argument("--n-train", type=int, default=60, help="normal training images (%(default)s)")
     parser.add_argument("--image-size", type=int, default=224, help="side of the generated images (%(default)s)")
     parser.add_argument("--epochs", type=int, default=5, help="training epochs (%(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training run (%(default)s)")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
@@ -180,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--data.category", CATEGORY,
             "--data.num_workers", str(min(os.cpu_count() or 1, 8)),
             "--default_root_dir", str(args.results),
+            "--seed_everything", str(args.seed),
             "--trainer.max_epochs", str(args.epochs),
             # Validation refits the Gaussian on all training images: once, after the last epoch, is enough here.
             "--trainer.check_val_every_n_epoch", str(args.epochs),

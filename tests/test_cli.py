@@ -224,3 +224,18 @@ def test_only_errors_raised_on_purpose_are_shortened() -> None:
     with pytest.raises(RuntimeError) as bug:  # raised inside torch: keeps anomalib's full trace
         torch.zeros(2).view(3)
     assert user_error(bug.value) is None
+
+
+def test_seed_everything_is_applied() -> None:
+    """anomalib 2.7's CLI parses ``--seed_everything`` but never applies it; the plugin does."""
+    import torch
+    from anomalib.cli.cli import AnomalibCLI
+
+    from anomalib_cfa_ncl.cli import seed_from_config
+
+    assert getattr(AnomalibCLI.instantiate_classes, "focusdist", False)
+    assert seed_from_config({"subcommand": "train", "train": {"seed_everything": 7}}) == 7
+    first = torch.rand(3)
+    seed_from_config({"subcommand": "train", "train": {"seed_everything": 7}})
+    assert torch.equal(first, torch.rand(3))
+    assert seed_from_config({"subcommand": "train", "train": {"seed_everything": True}}) is None
