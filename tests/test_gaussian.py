@@ -62,3 +62,27 @@ def test_large_offsets_do_not_lose_precision() -> None:
 def test_finalize_without_images_says_what_to_do() -> None:
     with pytest.raises(ValueError, match="at least one normal image"):
         StreamingGaussian().finalize()
+
+
+def test_neighbourhood_fit_pools_the_samples_of_neighbouring_locations() -> None:
+    """With a 3x3 neighbourhood, each location's Gaussian is numpy's fit on its neighbours' samples together."""
+    rng = np.random.default_rng(1)
+    height, width, dim, count = 3, 4, 3, 30
+    samples = rng.normal(size=(count, dim, height, width)) + rng.normal(size=(1, dim, height, width))
+    gaussian = StreamingGaussian(regularization=0.01, storage_dtype="float32", neighbourhood=3)
+    for chunk in torch.from_numpy(samples).float().split(8):
+        gaussian.update(chunk)
+    gaussian.finalize()
+    pooled = []
+    for row in range(height):
+        for col in range(width):
+            window = samples[:, :, max(row - 1, 0) : row + 2, max(col - 1, 0) : col + 2]
+            pooled.append(window.transpose(0, 2, 3, 1).reshape(-1, dim))
+    covariances = [np.cov(x, rowvar=False) for x in pooled]
+    ridge = 0.01 * np.mean([np.diag(c).mean() for c in covariances]) + 1e-6
+    precisions = np.stack([np.linalg.inv(c + ridge * np.eye(dim)) for c in covariances])
+    assert np.allclose(gaussian.mean.numpy(), np.stack([x.mean(axis=0) for x in pooled]), atol=1e-5)
+    stored = (gaussian.precision * gaussian.precision_scale[:, None, None]).numpy()
+    assert np.allclose(stored, precisions, rtol=1e-4, atol=1e-4 * np.abs(precisions).max())
+    with pytest.raises(ValueError, match="odd number"):
+        StreamingGaussian(neighbourhood=2)

@@ -39,6 +39,9 @@ class StreamingGaussian(DynamicBufferMixin):
         regularization (float): Ridge added to every covariance, relative to the mean feature variance over
             all locations, so the covariance stays invertible with few or near-constant images.
         storage_dtype (str): ``"float16"`` or ``"float32"``, the dtype of the stored precision matrices.
+        neighbourhood (int): Side of the square of neighbouring locations whose samples every location's
+            Gaussian is fitted on (``1``: its own only). Pooling the sums of a few neighbours multiplies the
+            samples per covariance without storing anything more.
 
     Example:
         >>> gaussian = StreamingGaussian()
@@ -49,8 +52,12 @@ class StreamingGaussian(DynamicBufferMixin):
 
     """
 
-    def __init__(self, regularization: float = 0.01, storage_dtype: str = "float16") -> None:
+    def __init__(self, regularization: float = 0.01, storage_dtype: str = "float16", neighbourhood: int = 1) -> None:
         super().__init__()
+        if neighbourhood < 1 or neighbourhood % 2 == 0:
+            msg = f"statistics_neighbourhood must be an odd number of locations (1, 3, 5, ...), got {neighbourhood}."
+            raise ValueError(msg)
+        self.neighbourhood = neighbourhood
         if storage_dtype not in STORAGE_DTYPES:
             msg = f"statistics_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}."
             raise ValueError(msg)
@@ -74,6 +81,7 @@ class StreamingGaussian(DynamicBufferMixin):
         self.count = torch.zeros((), dtype=torch.float64)
         self.running_sum: torch.Tensor | None = None
         self.running_outer: torch.Tensor | None = None
+        self.grid: tuple[int, int] | None = None
 
     def update(self, embedding: torch.Tensor) -> None:
         """Add a batch of embeddings to the running sums.
@@ -88,6 +96,7 @@ class StreamingGaussian(DynamicBufferMixin):
             self.count = self.count.to(x.device)
             self.running_sum = torch.zeros(x.shape[0], dim, dtype=torch.float64, device=x.device)
             self.running_outer = torch.zeros(x.shape[0], dim, dim, dtype=torch.float64, device=x.device)
+        self.grid = tuple(embedding.shape[-2:])
         self.count += batch
         self.running_sum += x.sum(dim=1)
         self.running_outer += x.transpose(1, 2) @ x
@@ -111,8 +120,12 @@ class StreamingGaussian(DynamicBufferMixin):
         if count == 0 or self.running_sum is None:
             msg = "FocusDist saw no training image: give a training set with at least one normal image."
             raise ValueError(msg)
-        mean = self.running_sum / count
-        covariance = (self.running_outer - count * mean.unsqueeze(2) * mean.unsqueeze(1)) / max(count - 1.0, 1.0)
+        # neighbourhood averages of the sums: the mean is unchanged by averaging, the sample count is multiplied
+        running_sum, running_outer = self._pooled(self.running_sum), self._pooled(self.running_outer)
+        samples = count * self._neighbours(self.running_sum)[:, None, None]
+        mean = running_sum / count
+        scatter = running_outer - count * mean.unsqueeze(2) * mean.unsqueeze(1)
+        covariance = scatter * samples / count / (samples - 1.0).clamp_min(1.0)
         covariance = 0.5 * (covariance + covariance.transpose(1, 2))
         variance = torch.diagonal(covariance, dim1=1, dim2=2).clamp_min(0)
         ridge = self.regularization * variance.mean() + 1e-6
@@ -124,6 +137,22 @@ class StreamingGaussian(DynamicBufferMixin):
         self.precision = (precision / scale[:, None, None]).to(self.storage_dtype)
         self.precision_scale = scale.float()
         self.reset()
+
+    def _pooled(self, sums: torch.Tensor, count_include_pad: bool = False) -> torch.Tensor:
+        """Average per-location sums ``(L, ...)`` over each location's neighbourhood on the grid."""
+        if self.neighbourhood == 1 or self.grid is None:
+            return sums
+        height, width = self.grid
+        flat = sums.reshape(height, width, -1).permute(2, 0, 1).unsqueeze(0)  # (1, K, h, w)
+        pooled = torch.nn.functional.avg_pool2d(
+            flat, self.neighbourhood, stride=1, padding=self.neighbourhood // 2, count_include_pad=count_include_pad
+        )
+        return pooled.squeeze(0).permute(1, 2, 0).reshape(sums.shape)
+
+    def _neighbours(self, like: torch.Tensor) -> torch.Tensor:
+        """Number of locations in each location's neighbourhood (fewer at the borders), shape ``(L,)``."""
+        ones = torch.ones(like.shape[0], 1, dtype=like.dtype, device=like.device)
+        return self._pooled(ones, count_include_pad=True)[:, 0] * self.neighbourhood**2
 
     def mahalanobis(self, embedding: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance of every location to its Gaussian.
