@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,10 @@ class FocusDist(AnomalibModule):
             instead of the download, for machines without internet. Defaults to ``None``.
         n_features (int | None): Channels kept for the Gaussian (a fixed random subset; ``None`` keeps all).
             The default 176 keeps the statistics at 63 MB for a 256x256 input. Defaults to ``176``.
-        image_alignment (bool): Image-level coarse alignment. Switch it off for textures, which have no
-            canonical pose. Defaults to ``True``.
+        image_alignment (bool): Image-level coarse alignment. Defaults to ``True``.
+        image_alignment_min_gain (float): After training the image alignment is kept only if it reduces the
+            training images' spread (their ICA loss) by at least this fraction; otherwise (textures, images
+            already aligned) the identity is used. ``0`` always keeps it. Defaults to ``0.2``.
         feature_alignment (bool): Feature-level coarse alignment. Defaults to ``True``.
         ncl (bool): Fine alignment by the non-contrastive loss. Off, the backbone stays as pre-trained.
             Defaults to ``True``.
@@ -77,6 +80,8 @@ class FocusDist(AnomalibModule):
         local_aggregation (int): Neighbourhood pooled into each location before scoring. Defaults to ``3``.
         projection_dim (int): Width of the NCL projector. Defaults to ``128``.
         regularization (float): Covariance ridge relative to the mean feature variance. Defaults to ``0.01``.
+        statistics_neighbourhood (int): Each location's Gaussian is fitted on the samples of this square of
+            neighbouring locations (9x the samples at 3; ``1``: its own only). Defaults to ``3``.
         statistics_dtype (str): Storage of the precision matrices, ``"float16"`` or ``"float32"``.
             Defaults to ``"float16"``.
         pre_processor (nn.Module | bool): Pre-processor, or ``True`` for the default (resize to 256, ImageNet
@@ -100,6 +105,7 @@ class FocusDist(AnomalibModule):
         backbone_weights: str | None = None,
         n_features: int | None = 176,
         image_alignment: bool = True,
+        image_alignment_min_gain: float = 0.2,
         feature_alignment: bool = True,
         ncl: bool = True,
         pose_augmentation: bool = True,
@@ -110,6 +116,7 @@ class FocusDist(AnomalibModule):
         local_aggregation: int = 3,
         projection_dim: int = 128,
         regularization: float = 0.01,
+        statistics_neighbourhood: int = 3,
         statistics_dtype: str = "float16",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -129,12 +136,14 @@ class FocusDist(AnomalibModule):
             backbone_weights=backbone_weights,
             n_features=n_features,
             image_alignment=image_alignment,
+            image_alignment_min_gain=image_alignment_min_gain,
             feature_alignment=feature_alignment,
             ncl=ncl,
             map_stride=map_stride,
             local_aggregation=local_aggregation,
             projection_dim=projection_dim,
             regularization=regularization,
+            statistics_neighbourhood=statistics_neighbourhood,
             statistics_dtype=statistics_dtype,
         )
         self.loss = FocusDistLoss(ica_weight=ica_weight)
@@ -260,24 +269,44 @@ class FocusDist(AnomalibModule):
             collate_fn=loader.collate_fn,
         )
 
+    def _training_images(self) -> Iterator[torch.Tensor]:
+        """This process's share of the training images, pre-processed, without augmentation."""
+        for batch in self._statistics_dataloader():
+            images = batch.image.to(self.device)
+            if self.pre_processor is not None and getattr(self.pre_processor, "transform", None) is not None:
+                images = self.pre_processor.transform(images)
+            yield images
+
+    def _check_every_process_saw_images(self, sums: object) -> None:
+        if self.trainer.world_size > 1 and not (sums is not None and len(sums) > 0):
+            msg = "Each process needs at least one training image: use fewer devices than training images."
+            raise ValueError(msg)
+
     def fit_statistics(self) -> None:
         """One streaming pass over the training images (no augmentation) to fit the per-location Gaussian."""
         was_training = self.model.training
         self.model.eval()
         gaussian = self.model.gaussian
         gaussian.reset()
+        reduce = None
+        if self.trainer.world_size > 1:
+            reduce = lambda tensor: self.trainer.strategy.reduce(tensor, reduce_op="sum")  # noqa: E731
         with torch.inference_mode(False), torch.no_grad():
-            for batch in self._statistics_dataloader():
-                images = batch.image.to(self.device)
-                if self.pre_processor is not None and getattr(self.pre_processor, "transform", None) is not None:
-                    images = self.pre_processor.transform(images)
+            if self.model.alignment_gate is not None:  # the Gaussian is fitted in the frame the gate chooses
+                for images in self._training_images():
+                    self.model.measure_alignment(images)
+                self._check_every_process_saw_images(self.model.alignment_gate.sums)
+                self.model.alignment_gate.finalize(reduce)
+                gate = self.model.alignment_gate
+                logger.info(
+                    "FocusDist: image alignment lowers the training images' spread by %.1f %% (kept from %.1f %%): %s.",
+                    100 * gate.gain.item(),
+                    100 * gate.min_gain,
+                    "kept" if gate.enabled.item() else "identity used instead",
+                )
+            for images in self._training_images():
                 gaussian.update(self.model.embed(images)[0])
-            reduce = None
-            if self.trainer.world_size > 1:
-                reduce = lambda tensor: self.trainer.strategy.reduce(tensor, reduce_op="sum")  # noqa: E731
-                if gaussian.running_sum is None:
-                    msg = "Each process needs at least one training image: use fewer devices than training images."
-                    raise ValueError(msg)
+            self._check_every_process_saw_images(gaussian.running_sum)
             gaussian.finalize(reduce)
         self.model.train(was_training)
         self._statistics_stale = False

@@ -24,14 +24,27 @@ def ica_loss(aligned_images: torch.Tensor) -> torch.Tensor:
         torch.Tensor: Scalar loss, the mean squared deviation per pixel and channel.
 
     """
-    low_pass = F.interpolate(
-        gaussian_blur2d(aligned_images, (9, 9), (2.0, 2.0)),
+    low_pass = low_pass_copy(aligned_images)
+    return (low_pass - low_pass.mean(dim=0, keepdim=True)).pow(2).mean()
+
+
+def low_pass_copy(images: torch.Tensor) -> torch.Tensor:
+    """Blurred ``ICA_SIZE x ICA_SIZE`` copy of images, what the ICA loss compares.
+
+    Args:
+        images (torch.Tensor): Images, shape ``(B, C, H, W)``.
+
+    Returns:
+        torch.Tensor: Low-pass copy, shape ``(B, C, ICA_SIZE, ICA_SIZE)``.
+
+    """
+    return F.interpolate(
+        gaussian_blur2d(images, (9, 9), (2.0, 2.0)),
         size=(ICA_SIZE, ICA_SIZE),
         mode="bilinear",
         align_corners=False,
         antialias=True,
     )
-    return (low_pass - low_pass.mean(dim=0, keepdim=True)).pow(2).mean()
 
 
 def ncl_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

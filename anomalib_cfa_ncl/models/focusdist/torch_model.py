@@ -20,7 +20,14 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from .alignment import FEATURE_POOL_SIZE, SimilarityTransformer, compose_theta, identity_theta, warp
+from .alignment import (
+    FEATURE_POOL_SIZE,
+    AlignmentGate,
+    SimilarityTransformer,
+    compose_theta,
+    identity_theta,
+    warp,
+)
 from .anomaly_map import AnomalyMapGenerator
 from .backbone import create_feature_extractor, feature_module
 from .gaussian import StreamingGaussian
@@ -97,6 +104,8 @@ class FocusDistModel(nn.Module):
         backbone_weights (str | None): Local weights file used instead of the download.
         n_features (int | None): Channels kept for the Gaussian (a fixed random subset); ``None`` keeps all.
         image_alignment (bool): Image-level coarse alignment (spatial transformer on the input).
+        image_alignment_min_gain (float): The image alignment is used in evaluation only if it reduces the spread
+            of the training images (their ICA loss) by at least this fraction, see :class:`AlignmentGate`.
         feature_alignment (bool): Feature-level coarse alignment (a transformer after each selected stage).
         ncl (bool): Fine alignment by the dense non-contrastive loss (fine-tunes the backbone).
         map_stride (int): Stride of the scoring grid relative to the input (8 gives 32x32 at 256x256).
@@ -104,6 +113,8 @@ class FocusDistModel(nn.Module):
             context before scoring; 1 disables it.
         projection_dim (int): Width of the NCL projector.
         regularization (float): Covariance ridge, relative to the mean feature variance.
+        statistics_neighbourhood (int): Each location's Gaussian is fitted on the samples of this square of
+            neighbouring locations (9x the samples at 3; ``1`` uses its own only).
         statistics_dtype (str): ``"float16"`` or ``"float32"``, storage of the precision matrices.
         blur_sigma (float): Standard deviation of the anomaly-map blur, in input pixels.
 
@@ -123,12 +134,14 @@ class FocusDistModel(nn.Module):
         backbone_weights: str | None = None,
         n_features: int | None = 176,
         image_alignment: bool = True,
+        image_alignment_min_gain: float = 0.2,
         feature_alignment: bool = True,
         ncl: bool = True,
         map_stride: int = 8,
         local_aggregation: int = 3,
         projection_dim: int = 128,
         regularization: float = 0.01,
+        statistics_neighbourhood: int = 3,
         statistics_dtype: str = "float16",
         blur_sigma: float = 4.0,
     ) -> None:
@@ -144,6 +157,7 @@ class FocusDistModel(nn.Module):
         self.min_input_size = max(self.feature_extractor.feature_info.reduction())
 
         self.image_transformer = SimilarityTransformer(3) if image_alignment else None
+        self.alignment_gate = AlignmentGate(image_alignment_min_gain) if image_alignment else None
         self.feature_transformers = (
             nn.ModuleDict(
                 {
@@ -180,7 +194,7 @@ class FocusDistModel(nn.Module):
         subset = torch.randperm(total, generator=torch.Generator().manual_seed(SUBSET_SEED))[:keep].sort().values
         self.register_buffer("feature_index", subset)
         self.feature_index: torch.Tensor
-        self.gaussian = StreamingGaussian(regularization, statistics_dtype)
+        self.gaussian = StreamingGaussian(regularization, statistics_dtype, statistics_neighbourhood)
         self.anomaly_map_generator = AnomalyMapGenerator(blur_sigma)
         # Lightning 2.6 starts fitting in whatever mode the modules are in, so freeze BatchNorm now, not on .train()
         self.train()
@@ -207,7 +221,22 @@ class FocusDistModel(nn.Module):
         if self.image_transformer is None:
             return images, identity_theta(images.shape[0], images.device, images.dtype)
         theta = self.image_transformer(images)
+        if not self.training and self.alignment_gate is not None:
+            theta = self.alignment_gate(theta)
         return warp(images, theta, padding_mode="reflection"), theta
+
+    def measure_alignment(self, images: torch.Tensor) -> None:
+        """Add training images to the :class:`AlignmentGate`'s sums (evaluation mode, before the statistics fit).
+
+        Args:
+            images (torch.Tensor): Training images without augmentation, shape ``(B, 3, H, W)``.
+
+        """
+        if self.image_transformer is None or self.alignment_gate is None:
+            return
+        self._check_input(images)
+        images = images.clamp(-INPUT_LIMIT, INPUT_LIMIT)
+        self.alignment_gate.update(images, warp(images, self.image_transformer(images), padding_mode="reflection"))
 
     def extract_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Run both coarse alignments and the backbone.
