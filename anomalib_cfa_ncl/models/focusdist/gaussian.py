@@ -120,21 +120,26 @@ class StreamingGaussian(DynamicBufferMixin):
         if count == 0 or self.running_sum is None:
             msg = "FocusDist saw no training image: give a training set with at least one normal image."
             raise ValueError(msg)
-        # neighbourhood averages of the sums: the mean is unchanged by averaging, the sample count is multiplied
-        running_sum, running_outer = self._pooled(self.running_sum), self._pooled(self.running_outer)
-        samples = count * self._neighbours(self.running_sum)[:, None, None]
-        mean = running_sum / count
-        scatter = running_outer - count * mean.unsqueeze(2) * mean.unsqueeze(1)
-        covariance = scatter * samples / count / (samples - 1.0).clamp_min(1.0)
-        covariance = 0.5 * (covariance + covariance.transpose(1, 2))
-        variance = torch.diagonal(covariance, dim1=1, dim2=2).clamp_min(0)
-        ridge = self.regularization * variance.mean() + 1e-6
-        identity = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
-        with single_threaded():
-            precision = torch.cholesky_inverse(torch.linalg.cholesky(covariance + ridge * identity))
+        # Neighbourhood averages of the sums: the mean is unchanged by averaging, the sample count is multiplied.
+        # The (L, D, D) tensors are 254 MB each at 256x256: work in place and free each one as soon as possible.
+        samples = count * self._neighbours(self.running_sum)
+        mean = self._pooled(self.running_sum) / count
+        covariance = self._pooled(self.running_outer)
+        self.running_outer = None
+        covariance.baddbmm_(mean.unsqueeze(2), mean.unsqueeze(1), alpha=-count)  # scatter around the mean
+        covariance.mul_((samples / count / (samples - 1.0).clamp_min(1.0))[:, None, None])
+        diagonal = torch.diagonal(covariance, dim1=1, dim2=2)
+        ridge = self.regularization * diagonal.clamp_min(0).mean() + 1e-6
+        diagonal.add_(ridge)
+        with single_threaded():  # Cholesky reads the lower triangle only: no symmetrising copy needed
+            factor = torch.linalg.cholesky(covariance)
+            del covariance, diagonal
+            precision = torch.cholesky_inverse(factor)
+            del factor
         scale = precision.abs().amax(dim=(1, 2))
         self.mean = mean.float()
-        self.precision = (precision / scale[:, None, None]).to(self.storage_dtype)
+        self.precision = precision.div_(scale[:, None, None]).to(self.storage_dtype)
+        del precision
         self.precision_scale = scale.float()
         self.reset()
 
