@@ -6,6 +6,7 @@ selection) are measured beside it. Each fit runs in a fresh process and reports 
 
 Usage:
     python benchmarks/memory.py [--sizes 200 2000] [--image-size 64] [--models FocusDist Padim Patchcore]
+        [--repeats 3]
 
 Offline: the backbone is an untrained resnet18 (memory does not depend on the weights); the images are a
 synthetic MVTec-format category written to a temporary folder.
@@ -21,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def fit_once(model_name: str, root: Path, image_size: int) -> dict[str, float]:
@@ -71,6 +74,9 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[200, 2000])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--models", nargs="+", default=["FocusDist", "Padim", "Patchcore"])
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="fresh processes per model and size; the table gives min-max"
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -86,8 +92,10 @@ def main() -> None:
             make_mvtec_dataset(
                 roots[size], "coffee", n_train=size, n_test_good=2, n_test_per_defect=1, image_size=args.image_size
             )
+        sizes = args.sizes
         rows = {
-            name: {size: measure(name, roots[size], args.image_size) for size in args.sizes} for name in args.models
+            name: {size: [measure(name, roots[size], args.image_size) for _ in range(args.repeats)] for size in sizes}
+            for name in args.models
         }
     first, last = args.sizes[0], args.sizes[-1]
     print(
@@ -99,10 +107,18 @@ def main() -> None:
     )
     print("|---|" + "---|" * (2 * len(args.sizes) + 1))
     for name, by_size in rows.items():
-        peaks = " | ".join(f"{by_size[n]['peak_rss_mib']:.0f}" for n in args.sizes)
-        times = " | ".join(f"{by_size[n]['fit_s']:.0f}" for n in args.sizes)
-        growth = by_size[last]["peak_rss_mib"] - by_size[first]["peak_rss_mib"]
-        print(f"| {name} | {peaks} | {growth:+.0f} MiB | {times} |")
+        peaks = {n: [run["peak_rss_mib"] for run in by_size[n]] for n in args.sizes}
+        cells = " | ".join(_spread(peaks[n]) for n in args.sizes)
+        times = " | ".join(f"{np.median([run['fit_s'] for run in by_size[n]]):.0f}" for n in args.sizes)
+        growth = np.median(peaks[last]) - np.median(peaks[first])
+        print(f"| {name} | {cells} | {growth:+.0f} MiB | {times} |")
+
+
+def _spread(values: list[float]) -> str:
+    """Median, with the min-max range when several processes were measured."""
+    if len(values) == 1:
+        return f"{values[0]:.0f}"
+    return f"{np.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
 
 
 if __name__ == "__main__":
