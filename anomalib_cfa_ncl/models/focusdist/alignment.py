@@ -285,6 +285,8 @@ class AlignmentGate(nn.Module):
                 process.
 
         """
+        if not self.sums:  # no image seen (the Gaussian's fit reports it): keep the current decision
+            return
         sums = {key: reduce(value) if reduce is not None else value for key, value in sorted(self.sums.items())}
         count = sums["count"]
 

@@ -277,7 +277,8 @@ class FocusDist(AnomalibModule):
                 images = self.pre_processor.transform(images)
             yield images
 
-    def _check_every_process_saw_images(self, sums: object) -> None:
+    def _check_every_process_saw_images(self, sums: torch.Tensor | dict | None) -> None:
+        """Stop before a collective reduce that a process without images could not join."""
         if self.trainer.world_size > 1 and not (sums is not None and len(sums) > 0):
             msg = "Each process needs at least one training image: use fewer devices than training images."
             raise ValueError(msg)
