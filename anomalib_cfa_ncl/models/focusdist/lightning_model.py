@@ -277,9 +277,9 @@ class FocusDist(AnomalibModule):
                 images = self.pre_processor.transform(images)
             yield images
 
-    def _check_every_process_saw_images(self, sums: torch.Tensor | dict | None) -> None:
+    def _check_every_process_saw_images(self, saw_images: bool) -> None:
         """Stop before a collective reduce that a process without images could not join."""
-        if self.trainer.world_size > 1 and not (sums is not None and len(sums) > 0):
+        if self.trainer.world_size > 1 and not saw_images:
             msg = "Each process needs at least one training image: use fewer devices than training images."
             raise ValueError(msg)
 
@@ -293,12 +293,12 @@ class FocusDist(AnomalibModule):
         if self.trainer.world_size > 1:
             reduce = lambda tensor: self.trainer.strategy.reduce(tensor, reduce_op="sum")  # noqa: E731
         with torch.inference_mode(False), torch.no_grad():
-            if self.model.alignment_gate is not None:  # the Gaussian is fitted in the frame the gate chooses
+            gate = self.model.alignment_gate
+            if gate is not None:  # the Gaussian is fitted in the frame the gate chooses
                 for images in self._training_images():
                     self.model.measure_alignment(images)
-                self._check_every_process_saw_images(self.model.alignment_gate.sums)
-                self.model.alignment_gate.finalize(reduce)
-                gate = self.model.alignment_gate
+                self._check_every_process_saw_images(bool(gate.sums))
+                gate.finalize(reduce)
                 logger.info(
                     "FocusDist: image alignment lowers the training images' spread by %.1f %% (kept from %.1f %%): %s.",
                     100 * gate.gain.item(),
@@ -307,7 +307,7 @@ class FocusDist(AnomalibModule):
                 )
             for images in self._training_images():
                 gaussian.update(self.model.embed(images)[0])
-            self._check_every_process_saw_images(gaussian.running_sum)
+            self._check_every_process_saw_images(gaussian.running_sum is not None)
             gaussian.finalize(reduce)
         self.model.train(was_training)
         self._statistics_stale = False

@@ -207,11 +207,13 @@ class FocusDistModel(nn.Module):
                 module.eval()
         return self
 
-    def align_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def align_images(self, images: torch.Tensor, gated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Image-level coarse alignment.
 
         Args:
             images (torch.Tensor): Input images, shape ``(B, 3, H, W)``.
+            gated (bool): In evaluation, apply the :class:`AlignmentGate`'s decision; ``False`` gives the
+                transformer's own output, which the gate measures.
 
         Returns:
             tuple[torch.Tensor, torch.Tensor]: The aligned images ``(B, 3, H, W)`` and the transforms
@@ -221,7 +223,7 @@ class FocusDistModel(nn.Module):
         if self.image_transformer is None:
             return images, identity_theta(images.shape[0], images.device, images.dtype)
         theta = self.image_transformer(images)
-        if not self.training and self.alignment_gate is not None:
+        if gated and not self.training and self.alignment_gate is not None:
             theta = self.alignment_gate(theta)
         return warp(images, theta, padding_mode="reflection"), theta
 
@@ -232,11 +234,11 @@ class FocusDistModel(nn.Module):
             images (torch.Tensor): Training images without augmentation, shape ``(B, 3, H, W)``.
 
         """
-        if self.image_transformer is None or self.alignment_gate is None:
+        if self.alignment_gate is None:
             return
         self._check_input(images)
         images = images.clamp(-INPUT_LIMIT, INPUT_LIMIT)
-        self.alignment_gate.update(images, warp(images, self.image_transformer(images), padding_mode="reflection"))
+        self.alignment_gate.update(images, self.align_images(images, gated=False)[0])
 
     def extract_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Run both coarse alignments and the backbone.
