@@ -5,7 +5,8 @@ find classes that are already imported. ``anomalib_cfa_ncl_plugin.pth``, install
 the package, calls :func:`install` at interpreter start. That only adds a finder to ``sys.meta_path`` and
 imports nothing heavy (no torch), so interpreters that never use anomalib pay nothing. When a program imports
 ``anomalib``, the finder imports ``anomalib_cfa_ncl`` right after it, which registers ``FocusDist`` and the
-``MVTec`` / ``BTAD`` datamodules; when it imports anomalib's CLI, ordinary mistakes are reported in one line.
+``MVTec`` / ``BTAD`` datamodules; when it imports anomalib's CLI, ordinary mistakes are reported in one line
+and ``--seed_everything`` is applied.
 
 Example:
     >>> import anomalib_cfa_ncl_plugin
@@ -34,10 +35,10 @@ def _load_plugin() -> None:
 
 
 def _install_cli_integration() -> None:
-    """Report ordinary mistakes in anomalib's CLI in one line instead of a stack trace."""
-    from anomalib_cfa_ncl.cli import install_error_reporting
+    """Report ordinary mistakes in anomalib's CLI in one line and apply its ``--seed_everything``."""
+    from anomalib_cfa_ncl.cli import install_cli_integration
 
-    install_error_reporting()
+    install_cli_integration()
 
 
 # Hooks run once, right after the module named by the key has been executed.

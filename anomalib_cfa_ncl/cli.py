@@ -1,10 +1,12 @@
-"""One-line errors in anomalib's CLI for the mistakes FocusDist and its datamodules explain.
+"""anomalib's CLI with FocusDist: one-line errors for explained mistakes, and ``--seed_everything`` applied.
 
 anomalib prints a full (rich) stack trace for any error. When the cause is an ordinary mistake (an unknown
 backbone or layer, an unknown category, a missing dataset folder), anomalib_cfa_ncl raises an exception whose
 message already says the fix; the CLI then prints just that message. Everything else keeps anomalib's trace.
 
-The plugin hook (``anomalib_cfa_ncl_plugin``) calls :func:`install_error_reporting` when ``anomalib.cli.cli``
+anomalib 2.7 parses ``--seed_everything`` but never applies it; :func:`seed_from_config` does.
+
+The plugin hook (``anomalib_cfa_ncl_plugin``) calls :func:`install_cli_integration` when ``anomalib.cli.cli``
 is imported, so it acts in the ``anomalib`` command only, never in user programs.
 
 Example:
@@ -124,7 +126,7 @@ def _seeded(instantiate_classes: Any) -> Any:
     return wrapper
 
 
-def install_error_reporting() -> None:
+def install_cli_integration() -> None:
     """Make anomalib's CLI report explained mistakes in one line and honour ``--seed_everything`` (idempotent)."""
     from anomalib.data import AnomalibDataModule
     from anomalib.models import AnomalibModule
