@@ -6,6 +6,10 @@ message already says the fix; the CLI then prints just that message. Everything 
 
 anomalib 2.7 parses ``--seed_everything`` but never applies it; :func:`seed_from_config` does.
 
+For FocusDist, ``anomalib export`` exports at ONNX opset 18 without the exporter's INFO wall
+(:mod:`anomalib_cfa_ncl.onnx_export`), and ``anomalib predict`` writes the scores to ``predictions.csv`` and
+logs where they and the images went.
+
 The plugin hook (``anomalib_cfa_ncl_plugin``) calls :func:`install_cli_integration` when ``anomalib.cli.cli``
 is imported, so it acts in the ``anomalib`` command only, never in user programs.
 
@@ -20,14 +24,19 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import functools
 import importlib
 import linecache
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+PREDICTIONS_FILE = "predictions.csv"
+
+logger = logging.getLogger(__name__)
 
 
 def _raised_on_purpose(error: BaseException) -> bool:
@@ -126,8 +135,67 @@ def _seeded(instantiate_classes: Any) -> Any:
     return wrapper
 
 
+def write_predictions(predictions: Any, path: Path) -> int:
+    """Write one CSV row per predicted image: its path, ``pred_score`` and ``pred_label``.
+
+    Args:
+        predictions (Any): What ``Engine.predict`` returned: a list of batches (or of lists of batches, one per
+            dataloader), or ``None``.
+        path (Path): The CSV file to write.
+
+    Returns:
+        int: The number of rows written.
+
+    """
+    batches = [batch for item in predictions or [] for batch in (item if isinstance(item, list) else [item])]
+    rows = []
+    for batch in batches:
+        labels = batch.pred_label if batch.pred_label is not None else [None] * len(batch.pred_score)
+        for image, score, label in zip(batch.image_path, batch.pred_score, labels, strict=True):
+            rows.append((image, f"{float(score):.6f}", "" if label is None else str(bool(label)).lower()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(("image", "pred_score", "pred_label"))
+        writer.writerows(rows)
+    return len(rows)
+
+
+def _run_focusdist_subcommand(run_subcommand: Any) -> Any:
+    """Wrap ``AnomalibCLI._run_subcommand``: a quiet opset-18 export and a reported prediction for FocusDist."""
+
+    @functools.wraps(run_subcommand)
+    def wrapper(self: Any) -> None:
+        from anomalib_cfa_ncl import FocusDist
+        from anomalib_cfa_ncl.onnx_export import onnx_export_kwargs, quiet_onnx_export
+
+        if self.subcommand not in {"export", "predict"} or not isinstance(getattr(self, "model", None), FocusDist):
+            run_subcommand(self)
+            return
+        run = getattr(self.engine, self.subcommand)
+        kwargs = self._prepare_subcommand_kwargs(self.subcommand)
+        if self.subcommand == "export":
+            kwargs["onnx_kwargs"] = onnx_export_kwargs(kwargs.get("onnx_kwargs"))
+            with quiet_onnx_export():
+                run(**kwargs)
+            return
+        predictions = run(**kwargs)
+        root = Path(self.engine.trainer.default_root_dir)
+        images = getattr(getattr(self.model, "visualizer", None), "output_dir", None) or root / "images"
+        count = write_predictions(predictions, root / PREDICTIONS_FILE)
+        logger.info(
+            "FocusDist: %d images predicted: scores in %s, images in %s", count, root / PREDICTIONS_FILE, images
+        )
+
+    wrapper.focusdist = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def install_cli_integration() -> None:
-    """Make anomalib's CLI report explained mistakes in one line and honour ``--seed_everything`` (idempotent)."""
+    """Make anomalib's CLI report explained mistakes in one line and honour ``--seed_everything`` (idempotent).
+
+    For FocusDist it also quiets ``anomalib export`` and reports where ``anomalib predict`` wrote its results.
+    """
     from anomalib.data import AnomalibDataModule
     from anomalib.models import AnomalibModule
 
@@ -147,5 +215,7 @@ def install_cli_integration() -> None:
         cli_class.init_parser = staticmethod(init_parser)
     if not getattr(cli_class.instantiate_classes, "focusdist", False):
         cli_class.instantiate_classes = _seeded(cli_class.instantiate_classes)
+    if not getattr(cli_class._run_subcommand, "focusdist", False):
+        cli_class._run_subcommand = _run_focusdist_subcommand(cli_class._run_subcommand)
     if not getattr(sys.excepthook, "focusdist", False):
         sys.excepthook = _excepthook(sys.excepthook)

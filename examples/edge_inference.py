@@ -9,11 +9,19 @@ Images are read without an image library from ``.npy`` files (``(H, W, 3)`` RGB,
 OpenCV). PNG, JPEG and other formats are read only if Pillow happens to be installed.
 
 Usage:
-    python edge_inference.py weights/openvino/model.xml part_001.ppm part_002.npy --out results/
+    python edge_inference.py exported/weights/openvino/model.xml part_001.ppm part_002.npy --out maps/
 
 Each image gives one JSON line: ``score`` (normalised, 0.5 is the threshold), ``label`` (``true`` = anomalous)
 and ``anomalous_fraction`` (share of mask pixels). With ``--out``, the anomaly map (``.npy``, float32) and the
-mask and map as PGM pictures are written, resized to the image's own size so they overlay its pixels.
+mask and map as PGM pictures are written, resized to the image's own size so they overlay its pixels. They are
+named by the image's path below the folder all images share (``good/000.ppm`` -> ``good/000_map.npy``), so
+``good/000`` and ``scratch/000`` do not overwrite each other; files of an earlier run are replaced only with
+``--overwrite``.
+
+A missing model or image file, or two images that would write the same output, stop the run before anything
+is computed, with one line that says what to do. An image that cannot be used (NaN or infinite pixels, an
+unreadable format) is skipped with one line naming the file; the others are still scored, and the exit status
+is 1.
 
 ``--precision f32`` (the default here) makes OpenVINO compute in float32, matching the PyTorch model to about
 1e-6. ``--precision default`` lets the CPU plugin choose: on CPUs with bfloat16 units (AVX512-BF16, AMX) that
@@ -24,12 +32,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 
 OUTPUTS = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
+OUTPUT_SUFFIXES = ("_map.npy", "_map.pgm", "_mask.pgm")
 
 
 def load_model(path: str | Path, device: str = "CPU", precision: str = "f32") -> ov.CompiledModel:
@@ -82,7 +93,7 @@ def read_image(path: str | Path) -> np.ndarray:
         np.ndarray: The image.
 
     Raises:
-        ValueError: If the file is not an RGB image this function can read.
+        ValueError: If the file is not an RGB image this function can read, or has NaN or infinite values.
 
     """
     path = Path(path)
@@ -100,7 +111,12 @@ def read_image(path: str | Path) -> np.ndarray:
     if image.ndim != 3 or image.shape[-1] != 3:
         msg = f"{path}: expected an RGB image of shape (H, W, 3), got {image.shape}."
         raise ValueError(msg)
-    return image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+    image = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(image)))
+    if bad:
+        msg = f"{path}: {bad} NaN or infinite pixel value(s): not scored (fix its source file)."
+        raise ValueError(msg)
+    return image
 
 
 def predict(model: ov.CompiledModel, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -145,29 +161,102 @@ def write_pgm(path: Path, array: np.ndarray) -> None:
     path.write_bytes(f"P5 {pixels.shape[1]} {pixels.shape[0]} 255\n".encode() + pixels.tobytes())
 
 
-def save_outputs(out: Path, name: str, prediction: dict[str, np.ndarray], size: tuple[int, int]) -> None:
-    """Write the map (``.npy`` and PGM) and the mask (PGM) at the image's own size."""
-    out.mkdir(parents=True, exist_ok=True)
+def output_names(images: list[Path]) -> dict[Path, Path]:
+    """Name each image's outputs by its path below the folder all images share, without the suffix.
+
+    ``test/good/000.png`` and ``test/scratch/000.png`` give ``good/000`` and ``scratch/000``; a single image
+    gives its stem.
+
+    Args:
+        images (list[Path]): The image files.
+
+    Returns:
+        dict[Path, Path]: For each image, the relative name its outputs start with.
+
+    """
+    folders = [path.resolve().parent for path in images]
+    common = Path(os.path.commonpath(folders)) if folders else Path()
+    return {path: path.resolve().relative_to(common).with_suffix("") for path in images}
+
+
+def check_inputs(model: Path, images: list[Path], out: Path | None, overwrite: bool) -> dict[Path, Path]:
+    """Check every file before any work; return the output names (see :func:`output_names`).
+
+    Raises:
+        SystemExit: With one line that says what to do, if the model or an image is missing, two images would
+            write the same outputs, or the outputs exist already and ``overwrite`` is off.
+
+    """
+    if not model.is_file():
+        raise SystemExit(
+            f"error: model file {model} not found: export the model first (`anomalib export ... --export_root "
+            "exported` writes exported/weights/openvino/model.xml) or give the path of its model.xml."
+        )
+    if model.suffix == ".xml" and not model.with_suffix(".bin").is_file():
+        raise SystemExit(f"error: {model.with_suffix('.bin')} not found: copy it together with {model.name}.")
+    missing = [str(path) for path in images if not path.is_file()]
+    if missing:
+        raise SystemExit(f"error: image file(s) not found: {', '.join(missing)}.")
+    names = output_names(images)
+    if out is None:
+        return names
+    seen: dict[Path, Path] = {}
+    for path, name in names.items():
+        if name in seen:
+            raise SystemExit(
+                f"error: {seen[name]} and {path} would both write {out / name}{OUTPUT_SUFFIXES[0]}: rename one "
+                "of them or score them in separate runs with different --out folders."
+            )
+        seen[name] = path
+    if not overwrite:
+        existing = [out / f"{name}{suffix}" for name in names.values() for suffix in OUTPUT_SUFFIXES]
+        existing = [path for path in existing if path.exists()]
+        if existing:
+            raise SystemExit(
+                f"error: {existing[0]} exists already ({len(existing)} output files of an earlier run): choose "
+                "another --out folder, or pass --overwrite to replace them."
+            )
+    return names
+
+
+def save_outputs(out: Path, name: Path, prediction: dict[str, np.ndarray], size: tuple[int, int]) -> None:
+    """Write the map (``.npy`` and PGM) and the mask (PGM) at the image's own size, as ``out/name_*``."""
+    base = out / name
+    base.parent.mkdir(parents=True, exist_ok=True)
     anomaly_map = resize_nearest(prediction["anomaly_map"][0, 0], size)
-    np.save(out / f"{name}_map.npy", anomaly_map)
-    write_pgm(out / f"{name}_map.pgm", anomaly_map)
+    np.save(f"{base}_map.npy", anomaly_map)
+    write_pgm(Path(f"{base}_map.pgm"), anomaly_map)
     if "pred_mask" in prediction:
-        write_pgm(out / f"{name}_mask.pgm", resize_nearest(prediction["pred_mask"][0, 0].astype(np.float32), size))
+        write_pgm(Path(f"{base}_mask.pgm"), resize_nearest(prediction["pred_mask"][0, 0].astype(np.float32), size))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Score every image given on the command line and print one JSON line per image."""
+def main(argv: list[str] | None = None) -> int:
+    """Score every image given on the command line and print one JSON line per image.
+
+    Returns:
+        int: The exit status: 0 if every image was scored, 1 if some were skipped.
+
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="model.xml of the exported IR")
     parser.add_argument("images", type=Path, nargs="+", help=".npy or .ppm images (other formats with Pillow)")
     parser.add_argument("--device", default="CPU")
     parser.add_argument("--precision", default="f32", choices=["f32", "default"])
     parser.add_argument("--out", type=Path, default=None, help="folder for the maps and masks")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run in --out")
     args = parser.parse_args(argv)
+    names = check_inputs(args.model, args.images, args.out, args.overwrite)
     model = load_model(args.model, args.device, args.precision)
+    skipped = 0
     for path in args.images:
-        image = read_image(path)
-        prediction = predict(model, image)
+        try:
+            image = read_image(path)
+            prediction = predict(model, image)
+        except (ValueError, OSError) as error:  # OSError: a file Pillow cannot read
+            named = str(error) if str(path) in str(error) else f"{path}: {error}"
+            print(f"error: {named}", file=sys.stderr, flush=True)
+            skipped += 1
+            continue
         mask = prediction.get("pred_mask")
         record = {
             "image": str(path),
@@ -177,8 +266,9 @@ def main(argv: list[str] | None = None) -> None:
         }
         print(json.dumps(record), flush=True)
         if args.out is not None:
-            save_outputs(args.out, path.stem, prediction, image.shape[:2])
+            save_outputs(args.out, names[path], prediction, image.shape[:2])
+    return 1 if skipped else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -256,19 +256,91 @@ BLOCKER = textwrap.dedent(
 )
 
 
+def run_example(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the edge example with torch, anomalib, Pillow and OpenCV blocked from import."""
+    command = [sys.executable, "-c", BLOCKER, str(EXAMPLE), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=120, check=False)
+
+
+def to_pixels(image: torch.Tensor) -> np.ndarray:
+    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def write_ppm(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"P6\n# camera\n64 64\n255\n" + pixels.tobytes())
+
+
 def test_edge_example_needs_only_openvino_and_numpy(
     dynamic_ir: Path, images: list[torch.Tensor], tmp_path: Path
 ) -> None:
-    pixels = (images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    pixels = to_pixels(images[0])
     np.save(tmp_path / "part.npy", pixels)
-    (tmp_path / "part.ppm").write_bytes(b"P6\n# camera\n64 64\n255\n" + pixels.tobytes())
-    command = [sys.executable, "-c", BLOCKER, str(EXAMPLE), str(dynamic_ir), "part.npy", "part.ppm", "--out", "out"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)
+    write_ppm(tmp_path / "camera" / "part.ppm", pixels)
+    result = run_example(str(dynamic_ir), "part.npy", "camera/part.ppm", "--out", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
     expected = OpenVINOInferencer(dynamic_ir, device="CPU", config=F32).predict(pixels)
     assert [record["label"] for record in records] == [bool(expected.pred_label.item())] * 2
     for record in records:
         assert abs(record["score"] - float(expected.pred_score.item())) <= 1e-5
-    assert np.load(tmp_path / "out" / "part_map.npy").shape == (64, 64)
-    assert (tmp_path / "out" / "part_mask.pgm").read_bytes().startswith(b"P5 64 64 255\n")
+    for name in ("part", "camera/part"):
+        assert np.load(tmp_path / "out" / f"{name}_map.npy").shape == (64, 64)
+        assert (tmp_path / "out" / f"{name}_mask.pgm").read_bytes().startswith(b"P5 64 64 255\n")
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("error: ") and fragment in result.stderr, result.stderr
+
+
+def test_edge_example_names_outputs_by_relative_path_and_never_overwrites(
+    dynamic_ir: Path, images: list[torch.Tensor], tmp_path: Path
+) -> None:
+    """MVTec layout: ``good/000`` and ``scratch/000`` keep their own maps; a second run does not replace them."""
+    write_ppm(tmp_path / "test" / "good" / "000.ppm", to_pixels(images[0]))
+    write_ppm(tmp_path / "test" / "scratch" / "000.ppm", to_pixels(images[-1]))
+    inputs = (str(dynamic_ir), "test/good/000.ppm", "test/scratch/000.ppm", "--out", "out")
+    assert run_example(*inputs, cwd=tmp_path).returncode == 0
+    good, scratch = (np.load(tmp_path / "out" / defect / "000_map.npy") for defect in ("good", "scratch"))
+    assert not np.array_equal(good, scratch)
+    assert_one_line_error(run_example(*inputs, cwd=tmp_path), "exists already")
+    assert np.array_equal(np.load(tmp_path / "out" / "good" / "000_map.npy"), good)
+    assert run_example(*inputs, "--overwrite", cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        (("exported/weights/openvino/model.xml", "part.npy"), "model file exported/weights/openvino/model.xml not"),
+        (("IR", "part.npy", "missing.ppm"), "image file(s) not found: missing.ppm"),
+        (("IR", "part.npy", "part.ppm", "--out", "out"), "part.npy and part.ppm would both write out/part_map.npy"),
+    ],
+    ids=["missing-model", "missing-image", "same-output"],
+)
+def test_edge_example_refuses_bad_files_in_one_line(
+    arguments: tuple[str, ...], fragment: str, dynamic_ir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "part.npy").touch()
+    (tmp_path / "part.ppm").touch()
+    arguments = tuple(str(dynamic_ir) if argument == "IR" else argument for argument in arguments)
+    result = run_example(*arguments, cwd=tmp_path)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_edge_example_skips_a_non_finite_image_in_one_line(
+    dynamic_ir: Path, images: list[torch.Tensor], tmp_path: Path
+) -> None:
+    clean = images[0].permute(1, 2, 0).numpy()
+    broken = clean.copy()
+    broken[3, 5, 1] = np.nan
+    np.save(tmp_path / "clean.npy", clean)
+    np.save(tmp_path / "broken.npy", broken)
+    result = run_example(str(dynamic_ir), "broken.npy", "clean.npy", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: broken.npy: 1 NaN or infinite pixel value(s): not scored (fix its source file)."
+    )
+    assert [json.loads(line)["image"] for line in result.stdout.splitlines()] == ["clean.npy"]

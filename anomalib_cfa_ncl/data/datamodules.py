@@ -1,8 +1,10 @@
 """anomalib's MVTec AD and BTAD datamodules under the names users type: ``--data MVTec`` and ``--data BTAD``.
 
 anomalib 2.7 renamed ``MVTec`` to ``MVTecAD``, and it calls BTAD ``BTech``. These subclasses behave exactly like
-anomalib's, except when the category folder is missing: an unknown category, or a download that fails (no
-internet), is explained in one line that says the fix instead of failing inside the download.
+anomalib's, with two exceptions. When the category folder is missing, an unknown category or a download that
+fails (no internet) is explained in one line that says the fix instead of failing inside the download. And
+``num_workers`` defaults to anomalib's 8 only where the process may use 8 CPUs, fewer otherwise, so the default
+no longer makes torch warn that the loader creates more workers than the machine suggests.
 
 Importing this module also makes the names visible to ``anomalib.data.get_datamodule`` (and so to
 ``anomalib benchmark``), which looks them up as attributes of ``anomalib.data``.
@@ -18,8 +20,10 @@ Example:
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import anomalib.data
 from anomalib.data import AnomalibDataModule, BTech, MVTecAD
@@ -28,6 +32,19 @@ from anomalib.data.datasets.image.btech import CATEGORIES as BTAD_CATEGORIES
 from anomalib.data.datasets.image.mvtecad import CATEGORIES as MVTEC_CATEGORIES
 
 __all__ = ["BTAD", "MVTec"]
+
+ANOMALIB_NUM_WORKERS = 8  # the default of anomalib's MVTecAD and BTech
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: the number torch's DataLoader suggests as the most workers."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+DEFAULT_NUM_WORKERS = min(ANOMALIB_NUM_WORKERS, available_cpus())
 
 
 def _categories_in(root: Path) -> list[str]:
@@ -99,6 +116,9 @@ class MVTec(MVTecAD):
 
     """
 
+    def __init__(self, *args: Any, num_workers: int = DEFAULT_NUM_WORKERS, **kwargs: Any) -> None:
+        super().__init__(*args, num_workers=num_workers, **kwargs)
+
     def prepare_data(self) -> None:
         """Use the category folder; download MVTec AD when it is missing; explain what cannot be fixed."""
         prepare_or_explain(self, super().prepare_data, "MVTec AD", MVTEC_CATEGORIES, mvtecad.DOWNLOAD_INFO.url)
@@ -115,6 +135,9 @@ class BTAD(BTech):
         >>> datamodule.prepare_data()  # downloads BTAD when missing  # doctest: +SKIP
 
     """
+
+    def __init__(self, *args: Any, num_workers: int = DEFAULT_NUM_WORKERS, **kwargs: Any) -> None:
+        super().__init__(*args, num_workers=num_workers, **kwargs)
 
     def prepare_data(self) -> None:
         """Use the category folder; download BTAD when it is missing; explain what cannot be fixed."""
