@@ -46,7 +46,7 @@ def test_identity_alignment_maps_match_an_unaligned_model() -> None:
     """At initialisation all transformers are the identity, so the map needs no warp at all."""
     images = torch.rand(2, 3, 64, 64)
     base = warp(images, torch.eye(2, 3).expand(2, 2, 3))
-    assert torch.allclose(base, images, atol=1e-5)
+    assert torch.allclose(base, images, atol=1e-4)  # float32 rounding of the sampling positions
 
 
 def test_fit_then_reload_from_checkpoint_gives_identical_scores(tiny_dataset_root, tmp_path) -> None:

@@ -1,11 +1,12 @@
 """Coarse alignment for FocusDist: spatial transformers that predict bounded similarity transforms.
 
 Transforms are kept as normalised ``(B, 2, 3)`` affine matrices in the convention of
-:func:`torch.nn.functional.affine_grid`: an output location ``y`` (normalised to ``[-1, 1]``) samples the
-input at ``theta @ [y, 1]``. Normalised coordinates do not depend on the resolution, so the transform
-predicted on an image applies unchanged to any feature map of that image, and the transforms of successive
-stages compose by matrix products. Their inverses are closed-form, which keeps the eval path exportable
-(ONNX has no matrix inverse operator).
+:func:`torch.nn.functional.affine_grid`: an output location ``y`` (normalised to ``[-1, 1]``, pixel edges at
+``+-1``, i.e. ``align_corners=False``) samples the input at ``theta @ [y, 1]``. Normalised coordinates do not
+depend on the resolution, so the transform predicted on an image applies unchanged to any feature map of that
+image, and the transforms of successive stages compose by matrix products. kornia builds, inverts and applies
+them (:func:`kornia.geometry.transform.warp_affine` after converting to its pixel convention); its inverses are
+closed-form while a graph is exported, which keeps the eval path exportable (ONNX has no matrix inverse).
 """
 
 from __future__ import annotations
@@ -15,12 +16,30 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from kornia.filters import gaussian_blur2d
+from kornia.geometry.conversions import convert_affinematrix_to_homography, denormalize_homography
+from kornia.geometry.transform import get_affine_matrix2d, invert_affine_transform, warp_affine
 from torch import nn
-
-from .loss import low_pass_copy
 
 IMAGE_POOL_SIZE = 32
 FEATURE_POOL_SIZE = 16
+ICA_SIZE = 64  # side of the low-pass copy the ICA loss and the alignment gate compare
+ICA_BLUR_KERNEL = 9  # Gaussian blur of that copy: kernel side and standard deviation, in input pixels
+ICA_BLUR_SIGMA = 2.0
+
+
+def low_pass_copy(images: torch.Tensor) -> torch.Tensor:
+    """Blurred ``ICA_SIZE x ICA_SIZE`` copy of images, what the ICA loss and the alignment gate compare.
+
+    Args:
+        images (torch.Tensor): Images, shape ``(B, C, H, W)``.
+
+    Returns:
+        torch.Tensor: Low-pass copy, shape ``(B, C, ICA_SIZE, ICA_SIZE)``.
+
+    """
+    blurred = gaussian_blur2d(images, (ICA_BLUR_KERNEL, ICA_BLUR_KERNEL), (ICA_BLUR_SIGMA, ICA_BLUR_SIGMA))
+    return F.interpolate(blurred, size=(ICA_SIZE, ICA_SIZE), mode="bilinear", align_corners=False, antialias=True)
 
 
 def similarity_theta(params: torch.Tensor, max_angle: float, max_log_scale: float, max_shift: float) -> torch.Tensor:
@@ -34,16 +53,15 @@ def similarity_theta(params: torch.Tensor, max_angle: float, max_log_scale: floa
         max_shift (float): Largest translation in normalised units (``0.5`` is a quarter of the side).
 
     Returns:
-        torch.Tensor: Affine matrices, shape ``(B, 2, 3)``.
+        torch.Tensor: Affine matrices ``[[s cos a, -s sin a, tx], [s sin a, s cos a, ty]]``, shape ``(B, 2, 3)``.
 
     """
     angle = max_angle * torch.tanh(params[:, 0])
     scale = torch.exp(max_log_scale * torch.tanh(params[:, 1]))
     shift = max_shift * torch.tanh(params[:, 2:4])
-    cos, sin = scale * torch.cos(angle), scale * torch.sin(angle)
-    row0 = torch.stack([cos, -sin, shift[:, 0]], dim=1)
-    row1 = torch.stack([sin, cos, shift[:, 1]], dim=1)
-    return torch.stack([row0, row1], dim=1)
+    # about the origin, the centre of the normalised frame; kornia's angle is in degrees
+    matrix = get_affine_matrix2d(shift, torch.zeros_like(shift), scale[:, None].expand(-1, 2), torch.rad2deg(angle))
+    return matrix[:, :2]
 
 
 def identity_theta(batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -65,28 +83,7 @@ def compose_theta(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
         torch.Tensor: The composed warp, shape ``(B, 2, 3)``.
 
     """
-    linear = outer[:, :, :2] @ inner[:, :, :2]
-    shift = outer[:, :, :2] @ inner[:, :, 2:] + outer[:, :, 2:]
-    return torch.cat([linear, shift], dim=2)
-
-
-def invert_theta(theta: torch.Tensor) -> torch.Tensor:
-    """Closed-form inverse of affine matrices (exportable, unlike ``torch.linalg.inv``).
-
-    Args:
-        theta (torch.Tensor): Affine matrices, shape ``(B, 2, 3)``.
-
-    Returns:
-        torch.Tensor: Inverse affine matrices, shape ``(B, 2, 3)``.
-
-    """
-    a, b, tx = theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2]
-    c, d, ty = theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2]
-    det = a * d - b * c
-    ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
-    row0 = torch.stack([ia, ib, -(ia * tx + ib * ty)], dim=1)
-    row1 = torch.stack([ic, id_, -(ic * tx + id_ * ty)], dim=1)
-    return torch.stack([row0, row1], dim=1)
+    return (convert_affinematrix_to_homography(outer) @ convert_affinematrix_to_homography(inner))[:, :2]
 
 
 def warp(
@@ -94,8 +91,13 @@ def warp(
     theta: torch.Tensor,
     size: tuple[int, int] | None = None,
     padding_mode: str = "border",
+    inverse: bool = False,
 ) -> torch.Tensor:
-    """Warp a batch of images or feature maps by normalised affine matrices.
+    """Warp a batch of images or feature maps by normalised affine matrices, with kornia's ``warp_affine``.
+
+    ``theta`` samples the input for each output location (``affine_grid``'s convention), so kornia, which takes
+    the source-to-destination matrix, gets its inverse, converted to pixels for this input and output size by
+    :func:`~kornia.geometry.conversions.denormalize_homography` (so one call also resamples to another size).
 
     Args:
         tensor (torch.Tensor): Input, shape ``(B, C, H, W)``.
@@ -103,14 +105,18 @@ def warp(
         size (tuple[int, int] | None): Output ``(h, w)``; the input's size when ``None``. Resampling to another
             size in the same call avoids a second interpolation.
         padding_mode (str): ``"border"``, ``"reflection"`` or ``"zeros"``.
+        inverse (bool): Warp by the inverse of ``theta`` (back from the aligned frame), without inverting it.
 
     Returns:
         torch.Tensor: Warped tensor, shape ``(B, C, h, w)``.
 
     """
-    height, width = size if size is not None else tensor.shape[-2:]
-    grid = F.affine_grid(theta.to(tensor.dtype), [tensor.shape[0], tensor.shape[1], height, width], align_corners=False)
-    return F.grid_sample(tensor, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    source = (int(tensor.shape[-2]), int(tensor.shape[-1]))
+    size = (int(size[0]), int(size[1])) if size is not None else source
+    theta = theta.to(tensor.dtype)
+    forward = theta if inverse else invert_affine_transform(theta)
+    pixels = denormalize_homography(convert_affinematrix_to_homography(forward), source, size, align_corners=False)
+    return warp_affine(tensor, pixels[:, :2], size, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
 
 class SimilarityTransformer(nn.Module):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from kornia.filters import gaussian_blur2d
 from torch import nn
 
-ICA_SIZE = 64  # side of the low-pass copy the ICA loss compares
+from .alignment import low_pass_copy
 
 
 def ica_loss(aligned_images: torch.Tensor) -> torch.Tensor:
@@ -26,25 +25,6 @@ def ica_loss(aligned_images: torch.Tensor) -> torch.Tensor:
     """
     low_pass = low_pass_copy(aligned_images)
     return (low_pass - low_pass.mean(dim=0, keepdim=True)).pow(2).mean()
-
-
-def low_pass_copy(images: torch.Tensor) -> torch.Tensor:
-    """Blurred ``ICA_SIZE x ICA_SIZE`` copy of images, what the ICA loss compares.
-
-    Args:
-        images (torch.Tensor): Images, shape ``(B, C, H, W)``.
-
-    Returns:
-        torch.Tensor: Low-pass copy, shape ``(B, C, ICA_SIZE, ICA_SIZE)``.
-
-    """
-    return F.interpolate(
-        gaussian_blur2d(images, (9, 9), (2.0, 2.0)),
-        size=(ICA_SIZE, ICA_SIZE),
-        mode="bilinear",
-        align_corners=False,
-        antialias=True,
-    )
 
 
 def ncl_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
