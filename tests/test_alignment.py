@@ -11,13 +11,8 @@ import torch.nn.functional as F  # noqa: N812
 from kornia.geometry.transform import invert_affine_transform
 from skimage import data as skimage_data
 
-from anomalib_cfa_ncl.models.focusdist.alignment import (
-    AlignmentGate,
-    SimilarityTransformer,
-    compose_theta,
-    similarity_theta,
-    warp,
-)
+from anomalib_cfa_ncl.models.focusdist.alignment import SimilarityTransformer, compose_theta, similarity_theta, warp
+from anomalib_cfa_ncl.models.focusdist.gate import AlignmentGate
 from anomalib_cfa_ncl.models.focusdist.loss import ica_loss
 
 
