@@ -19,13 +19,9 @@ import torch
 from anomalib.data import MVTecAD
 from anomalib.deploy import CompressionType, ExportType
 from anomalib.engine import Engine
-from anomalib.models import AnomalibModule, Padim, Patchcore
+from anomalib.models import AnomalibModule
 from lightning.pytorch import seed_everything
 
-from anomalib_cfa_ncl import FocusDist
-
-BACKBONE = "tf_efficientnet_lite0"
-LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
 ONNX_KWARGS = {"opset_version": 18}
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
@@ -96,15 +92,6 @@ def datamodule(root: Path, category: str, seed: int, **kwargs: Any) -> MVTecAD:
     )
     data.setup()
     return data
-
-
-def build(name: str, backbone_weights: str | None = None) -> AnomalibModule:
-    """FocusDist, Padim or Patchcore on the benchmark backbone (no visualiser: nothing is written per image)."""
-    if name == "Padim":
-        return Padim(backbone=BACKBONE, layers=LAYERS, n_features=100, visualizer=False)
-    if name == "Patchcore":
-        return Patchcore(backbone=BACKBONE, layers=LAYERS[1:], coreset_sampling_ratio=0.01, visualizer=False)
-    return FocusDist(backbone=BACKBONE, layers=LAYERS, backbone_weights=backbone_weights, visualizer=False)
 
 
 def cpu_engine(out: Path, epochs: int | None = None) -> Engine:

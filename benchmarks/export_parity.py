@@ -32,10 +32,10 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer
 from anomalib.engine import Engine
 from anomalib.models.components.base.export_mixin import ExportMixin
+from builders import build_model
 from export_common import (
     Variant,
     argument_parser,
-    build,
     cpu_engine,
     export,
     onnx_runner,
@@ -166,7 +166,7 @@ def trained(args, data) -> tuple[Engine, FocusDist, Path]:
         checkpoint = args.checkpoint.resolve()
         return cpu_engine(args.out / "runs"), FocusDist.load_from_checkpoint(checkpoint, map_location="cpu"), checkpoint
     start = time.perf_counter()
-    model = build("FocusDist", args.backbone_weights)
+    model = build_model("FocusDist", backbone_weights=args.backbone_weights)
     engine, checkpoint = train(model, data, args.out / "runs", args.epochs)
     print(f"trained in {time.perf_counter() - start:.0f} s: {checkpoint}", flush=True)
     return engine, model, checkpoint
@@ -194,6 +194,13 @@ def main() -> None:
     parser = argument_parser(__doc__, "results/export")
     parser.add_argument("--epochs", type=int, default=None, help="default: FocusDist's own default")
     parser.add_argument("--checkpoint", type=Path, default=None, help="a FocusDist trained on --category: no training")
+    parser.add_argument(
+        "--forms",
+        nargs="+",
+        default=None,
+        metavar="FORM",
+        help="only the forms (rows) with these names, e.g. 'OpenVINO FP32'; default: all",
+    )
     args = parse(parser)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     seed(args.seed)
@@ -204,9 +211,13 @@ def main() -> None:
     reference = predict_all(run_torch, images)
     rows = [{"form": "PyTorch eager", "precision": "f32", **metrics(reference, labels, masks)}]
     exported: dict[str, Path] = {}
-    for variant in [*VARIANTS, WHOLE_GRAPH_PTQ]:
+    forms = [variant for variant in [*VARIANTS, WHOLE_GRAPH_PTQ] if args.forms is None or variant.name in args.forms]
+    for variant in forms:
         if variant is WHOLE_GRAPH_PTQ:
-            path = whole_graph_ptq(exported[VARIANTS[1].folder], calibration, args.out)
+            fp32 = VARIANTS[1]
+            if fp32.folder not in exported:
+                exported[fp32.folder] = export(engine, model, checkpoint, fp32, args.out, calibration)
+            path = whole_graph_ptq(exported[fp32.folder], calibration, args.out)
         else:
             if variant.folder not in exported:
                 exported[variant.folder] = export(engine, model, checkpoint, variant, args.out, calibration)

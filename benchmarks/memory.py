@@ -31,18 +31,13 @@ def fit_once(model_name: str, root: Path, image_size: int) -> dict[str, float]:
     import torch
     from anomalib.data import MVTecAD
     from anomalib.engine import Engine
-    from anomalib.models import Padim, Patchcore
+    from builders import build_model
 
     from anomalib_cfa_ncl import FocusDist
 
     torch.manual_seed(0)
     pre_processor = FocusDist.configure_pre_processor((image_size, image_size))
-    common = {"pre_processor": pre_processor, "visualizer": False, "evaluator": False}
-    models = {
-        "FocusDist": lambda: FocusDist(backbone="resnet18", pre_trained=False, **common),
-        "Padim": lambda: Padim(backbone="resnet18", pre_trained=False, n_features=100, **common),
-        "Patchcore": lambda: Patchcore(backbone="resnet18", pre_trained=False, coreset_sampling_ratio=0.01, **common),
-    }
+    model = build_model(model_name, "resnet18", pre_trained=False, pre_processor=pre_processor, evaluator=False)
     datamodule = MVTecAD(root=root, category="coffee", train_batch_size=32, eval_batch_size=32, num_workers=0)
     engine = Engine(
         max_epochs=1,
@@ -54,7 +49,7 @@ def fit_once(model_name: str, root: Path, image_size: int) -> dict[str, float]:
         limit_val_batches=0,
     )
     start = time.perf_counter()
-    engine.fit(models[model_name](), datamodule=datamodule)
+    engine.fit(model, datamodule=datamodule)
     seconds = time.perf_counter() - start
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "fit_s": seconds}
 

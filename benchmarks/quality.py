@@ -26,17 +26,12 @@ import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, Evaluator
-from anomalib.models import Padim, Patchcore
+from builders import LAYERS, build_model
 from intervals import MAP_SIZE, RESAMPLES, PairedBootstrap, PredictionRecorder, load_predictions
 from lightning.pytorch import Callback, seed_everything
-from sklearn.metrics import roc_auc_score
 
 from anomalib_cfa_ncl import FocusDist
 
-LAYERS = {
-    "tf_efficientnet_lite0": ["blocks.1", "blocks.2", "blocks.4"],
-    "resnet18": ["layer1", "layer2", "layer3"],
-}
 ABLATIONS = {
     "FocusDist": {},
     "FocusDist -FCA": {"feature_alignment": False},
@@ -66,19 +61,18 @@ class EpochCurve(Callback):
     def on_train_epoch_end(self, trainer, pl_module: FocusDist) -> None:
         pl_module.fit_statistics_if_stale()
         pl_module.model.eval()
-        scores, labels, maps, masks = [], [], [], []
+        image_auroc = AUROC(fields=["pred_score", "gt_label"])
+        pixel_auroc = AUROC(fields=["anomaly_map", "gt_mask"])
         with torch.no_grad():
             for batch in self.datamodule.test_dataloader():
                 images = pl_module.pre_processor.transform(batch.image.to(pl_module.device))
                 output = pl_module.model(images)
-                scores.append(output.pred_score.cpu())
-                labels.append(batch.gt_label.cpu())
                 size = batch.gt_mask.shape[-2:]
-                maps.append(torch.nn.functional.interpolate(output.anomaly_map, size=size, mode="bilinear").cpu())
-                masks.append(batch.gt_mask.cpu())
+                maps = torch.nn.functional.interpolate(output.anomaly_map, size=size, mode="bilinear").cpu()
+                scored = batch.update(pred_score=output.pred_score.cpu(), anomaly_map=maps.squeeze(1))
+                image_auroc.update(scored)
+                pixel_auroc.update(scored)
         pl_module.model.train()
-        pixel_maps = torch.cat(maps).flatten().numpy()
-        pixel_masks = torch.cat(masks).flatten().numpy().astype(int)
         self.rows.append(
             {
                 "epoch": trainer.current_epoch + 1,
@@ -91,31 +85,10 @@ class EpochCurve(Callback):
                     )
                     if key in trainer.callback_metrics
                 },
-                "image_AUROC": roc_auc_score(torch.cat(labels).numpy(), torch.cat(scores).numpy()),
-                "pixel_AUROC": roc_auc_score(pixel_masks, pixel_maps),
+                "image_AUROC": float(image_auroc.compute()),
+                "pixel_AUROC": float(pixel_auroc.compute()),
             }
         )
-
-
-def build_model(
-    name: str, backbone: str, weights: str | None, variants: dict[str, dict]
-) -> FocusDist | Padim | Patchcore:
-    """Create a model with the benchmark's evaluator."""
-    layers = LAYERS[backbone]
-    if name == "Padim":
-        return Padim(backbone=backbone, layers=layers, n_features=100, evaluator=evaluator(), visualizer=False)
-    if name == "Patchcore":
-        return Patchcore(
-            backbone=backbone, layers=layers[1:], coreset_sampling_ratio=0.01, evaluator=evaluator(), visualizer=False
-        )
-    return FocusDist(
-        backbone=backbone,
-        layers=layers,
-        backbone_weights=weights,
-        evaluator=evaluator(),
-        visualizer=False,
-        **{**ABLATIONS, **variants}[name],
-    )
 
 
 def run(name: str, category: str, args: argparse.Namespace) -> dict:
@@ -130,7 +103,8 @@ def run(name: str, category: str, args: argparse.Namespace) -> dict:
         seed=args.seed,
     )
     datamodule.setup()
-    model = build_model(name, args.backbone, args.backbone_weights, args.variants)
+    arguments = {**ABLATIONS, **args.variants}[name] if name not in ("Padim", "Patchcore") else None
+    model = build_model(name, args.backbone, True, args.backbone_weights, arguments, evaluator=evaluator())
     focusdist = isinstance(model, FocusDist)
     trained = focusdist and (model.model.ncl_heads is not None or model.model.image_transformer is not None)
     recorder = PredictionRecorder()

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.deploy import CompressionType, ExportType
+from builders import build_model
 from export_common import (
     Variant,
     argument_parser,
-    build,
     compile_openvino,
     export,
     load,
@@ -125,7 +125,7 @@ def runner(variant: Variant, path: Path, threads: int) -> tuple[Callable | None,
 def benchmark_model(name: str, data, calibration, args) -> list[dict]:
     """Fit, export and time one model in every form."""
     seed(args.seed)
-    model = build(name, args.backbone_weights)
+    model = build_model(name, backbone_weights=args.backbone_weights)
     engine, checkpoint = train(model, data, args.out / "runs" / name, args.epochs if name == "FocusDist" else 1)
     single, batch = inputs(data, args.batch)
     rows = [{"model": name, "runtime": "PyTorch eager", "precision": "f32"}]

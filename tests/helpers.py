@@ -36,3 +36,35 @@ def tiny_engine(root: Path, **kwargs):
     }
     defaults.update(kwargs)
     return Engine(**defaults)
+
+
+def with_obvious_defect(image):
+    """A copy of an RGB image ``(3, H, W)`` in [0, 1] with a saturated magenta square over a third of its side.
+
+    No model that works can miss it: every test that scores such images asserts they score above every normal one.
+    """
+    side = image.shape[-1] // 3
+    top, left = image.shape[-2] // 3, image.shape[-1] // 3
+    copy = image.clone()
+    copy[0, top : top + side, left : left + side] = 1.0
+    copy[1, top : top + side, left : left + side] = 0.0
+    copy[2, top : top + side, left : left + side] = 1.0
+    return copy
+
+
+def make_defects_obvious(category_root: Path) -> None:
+    """Paint the obvious defect of :func:`with_obvious_defect` into every defective test image and its mask."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    for path in sorted((category_root / "test").glob("*/*.png")):
+        if path.parent.name == "good":
+            continue
+        image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1) / 255.0
+        painted = with_obvious_defect(image)
+        Image.fromarray((painted.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+        mask_path = category_root / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
+        mask = np.asarray(Image.open(mask_path)).copy()
+        mask[(painted != image).any(dim=0).numpy()] = 255
+        Image.fromarray(mask).save(mask_path)

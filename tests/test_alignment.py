@@ -5,17 +5,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
+from kornia.geometry.transform import invert_affine_transform
 from skimage import data as skimage_data
 
-from anomalib_cfa_ncl.models.focusdist.alignment import (
-    AlignmentGate,
-    SimilarityTransformer,
-    compose_theta,
-    invert_theta,
-    similarity_theta,
-    warp,
-)
+from anomalib_cfa_ncl.models.focusdist.alignment import SimilarityTransformer, compose_theta, similarity_theta, warp
+from anomalib_cfa_ncl.models.focusdist.gate import AlignmentGate
 from anomalib_cfa_ncl.models.focusdist.loss import ica_loss
 
 
@@ -23,7 +20,7 @@ def test_identity_initialised_transformer_returns_its_input() -> None:
     images = torch.rand(3, 3, 48, 48)
     theta = SimilarityTransformer(3).eval()(images)
     assert torch.allclose(theta, torch.eye(2, 3).expand(3, 2, 3))
-    assert torch.allclose(warp(images, theta), images, atol=1e-5)
+    assert torch.allclose(warp(images, theta), images, atol=1e-4)  # float32 rounding of the sampling positions
 
 
 def test_a_pose_shared_by_every_image_is_removed() -> None:
@@ -47,12 +44,45 @@ def test_compose_and_invert_are_consistent() -> None:
     params = torch.randn(4, 4)
     a = similarity_theta(params, math.pi / 4, math.log(1.25), 0.5)
     b = similarity_theta(torch.randn(4, 4), math.pi / 4, math.log(1.25), 0.5)
-    assert torch.allclose(compose_theta(a, invert_theta(a)), torch.eye(2, 3).expand(4, 2, 3), atol=1e-5)
+    assert torch.allclose(compose_theta(a, invert_affine_transform(a)), torch.eye(2, 3).expand(4, 2, 3), atol=1e-5)
     images = torch.rand(4, 1, 32, 32)
     # warping by a then b equals one warp by compose(a, b), away from the borders
     two_step = warp(warp(images, a, size=(64, 64)), b, size=(64, 64))
     one_step = warp(images, compose_theta(a, b), size=(64, 64))
     assert (two_step - one_step)[..., 16:48, 16:48].abs().mean() < 0.05
+
+
+def _reference_warp(tensor: torch.Tensor, theta: torch.Tensor, size: tuple[int, int], padding: str) -> torch.Tensor:
+    """The warp kornia replaced: torch's ``affine_grid`` and ``grid_sample`` with ``align_corners=False``."""
+    grid = F.affine_grid(theta, [tensor.shape[0], tensor.shape[1], *size], align_corners=False)
+    return F.grid_sample(tensor, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [((3, 64, 64), (64, 64)), ((40, 32, 32), (16, 16)), ((24, 8, 8), (32, 32)), ((1, 17, 23), (64, 48))],
+    ids=["image", "feature map to a coarser grid", "feature map to a finer grid", "distance map, odd sizes"],
+)
+@pytest.mark.parametrize("padding", ["border", "reflection"])
+def test_kornia_warp_equals_the_affine_grid_reference(shape: tuple, size: tuple, padding: str) -> None:
+    """One normalised transform warps every resolution as torch's reference does: equal up to float rounding."""
+    theta = similarity_theta(torch.randn(4, 4, dtype=torch.float64), math.pi / 4, math.log(1.25), 0.5)
+    tensor = torch.randn(4, *shape, dtype=torch.float64)
+    expected = _reference_warp(tensor, theta, size, padding)
+    assert torch.allclose(warp(tensor, theta, size=size, padding_mode=padding), expected, atol=1e-10)
+    inverse = _reference_warp(tensor, invert_affine_transform(theta), size, padding)
+    assert torch.allclose(warp(tensor, theta, size=size, padding_mode=padding, inverse=True), inverse, atol=1e-10)
+    single = warp(tensor.float(), theta.float(), size=size, padding_mode=padding)
+    assert (single - expected).abs().max() < 1e-3  # float32: rounding of the sampling positions only
+
+
+def test_similarity_transform_is_a_scaled_rotation_and_shift() -> None:
+    params = torch.randn(5, 4)
+    theta = similarity_theta(params, math.pi / 4, math.log(1.25), 0.5)
+    angle, scale = math.pi / 4 * torch.tanh(params[:, 0]), 1.25 ** torch.tanh(params[:, 1])
+    expected = torch.stack([scale * torch.cos(angle), -scale * torch.sin(angle), scale * torch.sin(angle)], dim=1)
+    assert torch.allclose(theta[:, [0, 0, 1], [0, 1, 0]], expected, atol=1e-6)
+    assert torch.allclose(theta[:, :, 2], 0.5 * torch.tanh(params[:, 2:4]), atol=1e-6)
 
 
 def test_transform_stays_within_bounds() -> None:

@@ -9,9 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from anomalib.data.utils import read_image
 from anomalib.deploy import ExportType
 
-from .helpers import CATEGORY, tiny_datamodule, tiny_engine, tiny_model
+from anomalib_cfa_ncl import FocusDist
+
+from .helpers import CATEGORY, tiny_datamodule, tiny_engine, tiny_model, with_obvious_defect
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +37,18 @@ def test_stage_from_checkpoint(stage: str, project: tuple[Path, Path], tiny_data
         model=tiny_model(), datamodule=tiny_datamodule(tiny_dataset_root), ckpt_path=str(checkpoint)
     )
     if stage == "test":
-        metrics = result[0]
-        assert 0.0 <= metrics["image_AUROC"] <= 1.0
+        assert {"image_AUROC", "pixel_AUROC"} <= set(result[0])
     if stage == "predict":
         assert sum(len(batch.pred_score) for batch in result) == 8
+
+
+def test_an_obvious_defect_scores_above_every_normal_image(project: tuple[Path, Path], tiny_dataset_root: Path) -> None:
+    _, checkpoint = project
+    model = FocusDist.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    normal = [read_image(path, as_tensor=True) for path in sorted(tiny_dataset_root.glob(f"{CATEGORY}/*/good/*.png"))]
+    with torch.no_grad():
+        scores = model(torch.stack([*normal, with_obvious_defect(normal[0])])).pred_score
+    assert scores[-1] > scores[:-1].max()
 
 
 @pytest.mark.parametrize("export_type", list(ExportType))

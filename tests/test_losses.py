@@ -7,8 +7,7 @@ import itertools
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from anomalib_cfa_ncl.models.focusdist.loss import FocusDistLoss, ica_loss, ncl_loss
-from anomalib_cfa_ncl.models.focusdist.torch_model import NCLHead
+from anomalib_cfa_ncl.models.focusdist.loss import FocusDistLoss, NCLHead, ica_loss, ncl_loss
 
 
 def _all_pairs_reference(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -19,11 +19,9 @@ from .helpers import tiny_datamodule, tiny_engine, tiny_model
 def fitted_model() -> FocusDistModel:
     """A FocusDistModel fitted on random images (no training needed for input checks)."""
     torch.manual_seed(0)
-    model = FocusDistModel(backbone="resnet18", pre_trained=False, n_features=32).eval()
-    with torch.no_grad():
-        model.gaussian.update(model.embed(torch.randn(4, 3, 64, 64))[0])
-        model.gaussian.finalize()
-    return model
+    model = FocusDistModel(backbone="resnet18", pre_trained=False, n_features=32)
+    model.fit_statistics([torch.randn(4, 3, 64, 64)])
+    return model.eval()
 
 
 def _one_line(error: pytest.ExceptionInfo) -> str:
@@ -69,11 +67,10 @@ def test_scores_are_finite_for_any_finite_input(fitted_model: FocusDistModel, sc
 
 
 def test_near_constant_training_images_give_finite_scores() -> None:
-    model = FocusDistModel(backbone="resnet18", pre_trained=False, n_features=32).eval()
+    model = FocusDistModel(backbone="resnet18", pre_trained=False, n_features=32)
+    model.fit_statistics([torch.full((3, 3, 64, 64), 0.5) + 1e-6 * torch.randn(3, 3, 64, 64)])
     with torch.no_grad():
-        model.gaussian.update(model.embed(torch.full((3, 3, 64, 64), 0.5) + 1e-6 * torch.randn(3, 3, 64, 64))[0])
-        model.gaussian.finalize()
-        output = model(torch.rand(2, 3, 64, 64))
+        output = model.eval()(torch.rand(2, 3, 64, 64))
     assert torch.isfinite(output.pred_score).all()
 
 
@@ -99,6 +96,15 @@ def test_backbone_weights_of_another_architecture(tmp_path: Path) -> None:
     path = tmp_path / "resnet34.safetensors"
     save_file(timm.create_model("resnet34", pretrained=False).state_dict(), str(path))
     with pytest.raises(ValueError, match="do not fit backbone 'resnet18'") as error:
+        FocusDist(backbone="resnet18", backbone_weights=str(path))
+    _one_line(error)
+
+
+@pytest.mark.parametrize("content", [b"not a state dict", b"PK\x03\x04 truncated"], ids=["garbage", "truncated"])
+def test_unreadable_backbone_weights_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="Could not read backbone_weights") as error:
         FocusDist(backbone="resnet18", backbone_weights=str(path))
     _one_line(error)
 

@@ -1,26 +1,48 @@
 """Coarse alignment for FocusDist: spatial transformers that predict bounded similarity transforms.
 
 Transforms are kept as normalised ``(B, 2, 3)`` affine matrices in the convention of
-:func:`torch.nn.functional.affine_grid`: an output location ``y`` (normalised to ``[-1, 1]``) samples the
-input at ``theta @ [y, 1]``. Normalised coordinates do not depend on the resolution, so the transform
-predicted on an image applies unchanged to any feature map of that image, and the transforms of successive
-stages compose by matrix products. Their inverses are closed-form, which keeps the eval path exportable
-(ONNX has no matrix inverse operator).
+:func:`torch.nn.functional.affine_grid`: an output location ``y`` (normalised to ``[-1, 1]``, pixel edges at
+``+-1``, i.e. ``align_corners=False``) samples the input at ``theta @ [y, 1]``. Normalised coordinates do not
+depend on the resolution, so the transform predicted on an image applies unchanged to any feature map of that
+image, and the transforms of successive stages compose by matrix products. kornia builds, inverts and applies
+them (:func:`kornia.geometry.transform.warp_affine` after converting to its pixel convention); its inverses are
+closed-form while a graph is exported, which keeps the eval path exportable (ONNX has no matrix inverse).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from kornia.filters import gaussian_blur2d
+from kornia.geometry.conversions import convert_affinematrix_to_homography, denormalize_homography
+from kornia.geometry.transform import get_affine_matrix2d, invert_affine_transform, warp_affine
 from torch import nn
 
-from .loss import low_pass_copy
-
 IMAGE_POOL_SIZE = 32
-FEATURE_POOL_SIZE = 16
+FEATURE_POOL_SIZE = 16  # feature-level transformers: smaller input, tighter bounds
+FEATURE_MAX_ANGLE = math.pi / 8
+FEATURE_MAX_SCALE = 1.1
+FEATURE_MAX_SHIFT = 0.1
+ICA_SIZE = 64  # side of the low-pass copy the ICA loss and the alignment gate compare
+ICA_BLUR_KERNEL = 9  # Gaussian blur of that copy: kernel side and standard deviation, in input pixels
+ICA_BLUR_SIGMA = 2.0
+
+
+def low_pass_copy(images: torch.Tensor) -> torch.Tensor:
+    """Blurred ``ICA_SIZE x ICA_SIZE`` copy of images, what the ICA loss and the alignment gate compare.
+
+    Args:
+        images (torch.Tensor): Images, shape ``(B, C, H, W)``.
+
+    Returns:
+        torch.Tensor: Low-pass copy, shape ``(B, C, ICA_SIZE, ICA_SIZE)``.
+
+    """
+    blurred = gaussian_blur2d(images, (ICA_BLUR_KERNEL, ICA_BLUR_KERNEL), (ICA_BLUR_SIGMA, ICA_BLUR_SIGMA))
+    return F.interpolate(blurred, size=(ICA_SIZE, ICA_SIZE), mode="bilinear", align_corners=False, antialias=True)
 
 
 def similarity_theta(params: torch.Tensor, max_angle: float, max_log_scale: float, max_shift: float) -> torch.Tensor:
@@ -34,16 +56,15 @@ def similarity_theta(params: torch.Tensor, max_angle: float, max_log_scale: floa
         max_shift (float): Largest translation in normalised units (``0.5`` is a quarter of the side).
 
     Returns:
-        torch.Tensor: Affine matrices, shape ``(B, 2, 3)``.
+        torch.Tensor: Affine matrices ``[[s cos a, -s sin a, tx], [s sin a, s cos a, ty]]``, shape ``(B, 2, 3)``.
 
     """
     angle = max_angle * torch.tanh(params[:, 0])
     scale = torch.exp(max_log_scale * torch.tanh(params[:, 1]))
     shift = max_shift * torch.tanh(params[:, 2:4])
-    cos, sin = scale * torch.cos(angle), scale * torch.sin(angle)
-    row0 = torch.stack([cos, -sin, shift[:, 0]], dim=1)
-    row1 = torch.stack([sin, cos, shift[:, 1]], dim=1)
-    return torch.stack([row0, row1], dim=1)
+    # about the origin, the centre of the normalised frame; kornia's angle is in degrees
+    matrix = get_affine_matrix2d(shift, torch.zeros_like(shift), scale[:, None].expand(-1, 2), torch.rad2deg(angle))
+    return matrix[:, :2]
 
 
 def identity_theta(batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -65,28 +86,7 @@ def compose_theta(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
         torch.Tensor: The composed warp, shape ``(B, 2, 3)``.
 
     """
-    linear = outer[:, :, :2] @ inner[:, :, :2]
-    shift = outer[:, :, :2] @ inner[:, :, 2:] + outer[:, :, 2:]
-    return torch.cat([linear, shift], dim=2)
-
-
-def invert_theta(theta: torch.Tensor) -> torch.Tensor:
-    """Closed-form inverse of affine matrices (exportable, unlike ``torch.linalg.inv``).
-
-    Args:
-        theta (torch.Tensor): Affine matrices, shape ``(B, 2, 3)``.
-
-    Returns:
-        torch.Tensor: Inverse affine matrices, shape ``(B, 2, 3)``.
-
-    """
-    a, b, tx = theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2]
-    c, d, ty = theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2]
-    det = a * d - b * c
-    ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
-    row0 = torch.stack([ia, ib, -(ia * tx + ib * ty)], dim=1)
-    row1 = torch.stack([ic, id_, -(ic * tx + id_ * ty)], dim=1)
-    return torch.stack([row0, row1], dim=1)
+    return (convert_affinematrix_to_homography(outer) @ convert_affinematrix_to_homography(inner))[:, :2]
 
 
 def warp(
@@ -94,8 +94,13 @@ def warp(
     theta: torch.Tensor,
     size: tuple[int, int] | None = None,
     padding_mode: str = "border",
+    inverse: bool = False,
 ) -> torch.Tensor:
-    """Warp a batch of images or feature maps by normalised affine matrices.
+    """Warp a batch of images or feature maps by normalised affine matrices, with kornia's ``warp_affine``.
+
+    ``theta`` samples the input for each output location (``affine_grid``'s convention), so kornia, which takes
+    the source-to-destination matrix, gets its inverse, converted to pixels for this input and output size by
+    :func:`~kornia.geometry.conversions.denormalize_homography` (so one call also resamples to another size).
 
     Args:
         tensor (torch.Tensor): Input, shape ``(B, C, H, W)``.
@@ -103,14 +108,18 @@ def warp(
         size (tuple[int, int] | None): Output ``(h, w)``; the input's size when ``None``. Resampling to another
             size in the same call avoids a second interpolation.
         padding_mode (str): ``"border"``, ``"reflection"`` or ``"zeros"``.
+        inverse (bool): Warp by the inverse of ``theta`` (back from the aligned frame), without inverting it.
 
     Returns:
         torch.Tensor: Warped tensor, shape ``(B, C, h, w)``.
 
     """
-    height, width = size if size is not None else tensor.shape[-2:]
-    grid = F.affine_grid(theta.to(tensor.dtype), [tensor.shape[0], tensor.shape[1], height, width], align_corners=False)
-    return F.grid_sample(tensor, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    source = (int(tensor.shape[-2]), int(tensor.shape[-1]))
+    size = (int(size[0]), int(size[1])) if size is not None else source
+    theta = theta.to(tensor.dtype)
+    forward = theta if inverse else invert_affine_transform(theta)
+    pixels = denormalize_homography(convert_affinematrix_to_homography(forward), source, size, align_corners=False)
+    return warp_affine(tensor, pixels[:, :2], size, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
 
 class SimilarityTransformer(nn.Module):
@@ -226,78 +235,37 @@ class SimilarityTransformer(nn.Module):
         return theta
 
 
-class AlignmentGate(nn.Module):
-    """Keep the image-level alignment only for categories it aligns: textures have no canonical pose.
+def feature_transformer(channels: int) -> SimilarityTransformer:
+    """The smaller, tighter-bounded transformer that aligns one stage's feature map."""
+    return SimilarityTransformer(
+        channels,
+        pool_size=FEATURE_POOL_SIZE,
+        max_angle=FEATURE_MAX_ANGLE,
+        max_scale=FEATURE_MAX_SCALE,
+        max_shift=FEATURE_MAX_SHIFT,
+    )
 
-    After training, one pass over the training images (without augmentation) measures how much the image
-    transformer brings them together: ``gain = 1 - spread(aligned) / spread(input)``, the spread being the ICA
-    loss, the squared deviation of the low-pass images from their mean. Objects whose pose varies come together,
-    textures do not; below ``min_gain`` the transformer is replaced by the identity in evaluation, so it cannot
-    add pose noise (and resampling blur) to images that were already as aligned as they can be.
 
-    Args:
-        min_gain (float): Smallest relative reduction of the spread for which the alignment is kept; ``0``
-            always keeps it.
+class AlignedFeatures(NamedTuple):
+    """What the aligned network computes for a batch (:meth:`FocusDistModel.extract_features`).
 
-    Example:
-        >>> gate = AlignmentGate(min_gain=0.2)
-        >>> images = torch.rand(4, 3, 64, 64)
-        >>> gate.update(images, images)  # an alignment that changes nothing
-        >>> gate.finalize()
-        >>> bool(gate.enabled), float(gate.gain)
-        (False, 0.0)
+    Attributes:
+        features: Per layer, shallow to deep, ``(B, C_k, h_k, w_k)``, each in the frame of its own stage.
+        image_theta: The image-level transform, input frame to aligned frame, ``(B, 2, 3)``.
+        stage_thetas: Per layer, the transform its stage's transformer applied, ``(B, 2, 3)`` (identity when
+            feature alignment is off).
+        aligned_images: The input after the image-level alignment, ``(B, 3, H, W)``.
 
     """
 
-    def __init__(self, min_gain: float = 0.2) -> None:
-        super().__init__()
-        self.min_gain = min_gain
-        self.register_buffer("enabled", torch.ones((), dtype=torch.bool))
-        self.register_buffer("gain", torch.full((), float("nan")))
-        self.enabled: torch.Tensor
-        self.gain: torch.Tensor
-        self.reset()
+    features: list[torch.Tensor]
+    image_theta: torch.Tensor
+    stage_thetas: list[torch.Tensor]
+    aligned_images: torch.Tensor
 
-    def reset(self) -> None:
-        """Forget the running sums (the decision stays until :meth:`finalize`)."""
-        self.sums: dict[str, torch.Tensor] = {}
-
-    def update(self, images: torch.Tensor, aligned: torch.Tensor) -> None:
-        """Add a batch of training images and their aligned copies to the running sums.
-
-        Args:
-            images (torch.Tensor): Input images, shape ``(B, 3, H, W)``.
-            aligned (torch.Tensor): The image transformer's output, shape ``(B, 3, H, W)``.
-
-        """
-        for name, batch in (("input", images), ("aligned", aligned)):
-            low_pass = low_pass_copy(batch.detach()).to(torch.float64)
-            for key, value in ((f"{name}_sum", low_pass.sum(0)), (f"{name}_squares", low_pass.pow(2).sum(0))):
-                self.sums[key] = self.sums[key] + value if key in self.sums else value
-        count = torch.tensor(float(images.shape[0]), dtype=torch.float64, device=images.device)
-        self.sums["count"] = self.sums["count"] + count if "count" in self.sums else count
-
-    def finalize(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """Decide from the running sums whether the alignment is kept.
-
-        Args:
-            reduce (Callable | None): Sums a tensor over processes (distributed training); ``None`` in a single
-                process.
-
-        """
-        if not self.sums:  # no image seen (the Gaussian's fit reports it): keep the current decision
-            return
-        sums = {key: reduce(value) if reduce is not None else value for key, value in sorted(self.sums.items())}
-        count = sums["count"]
-
-        def spread(name: str) -> torch.Tensor:
-            return (sums[f"{name}_squares"] - sums[f"{name}_sum"].pow(2) / count).clamp_min(0).sum()
-
-        gain = 1.0 - spread("aligned") / spread("input").clamp_min(1e-12)
-        self.gain.fill_(float(gain))
-        self.enabled.fill_(bool(gain >= self.min_gain))
-        self.reset()
-
-    def forward(self, theta: torch.Tensor) -> torch.Tensor:
-        """The transform when the alignment is kept, else the identity, shape ``(B, 2, 3)``."""
-        return torch.where(self.enabled, theta, identity_theta(theta.shape[0], theta.device, theta.dtype))
+    def total_theta(self) -> torch.Tensor:
+        """Compose the image transform and all stage transforms: deepest frame to input frame, ``(B, 2, 3)``."""
+        total = self.image_theta
+        for theta in self.stage_thetas:
+            total = compose_theta(total, theta)
+        return total

@@ -6,7 +6,7 @@ import torch
 from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
-from .alignment import invert_theta, warp
+from .alignment import warp
 
 
 class AnomalyMapGenerator(nn.Module):
@@ -25,8 +25,7 @@ class AnomalyMapGenerator(nn.Module):
 
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()
-        kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
-        self.blur = GaussianBlur2d(kernel_size=(kernel_size, kernel_size), sigma=(sigma, sigma), channels=1)
+        self.blur = GaussianBlur2d(sigma=sigma, channels=1)  # kernel side 2 * int(4 sigma + 0.5) + 1
 
     def forward(self, distance: torch.Tensor, theta: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """Compute the anomaly map.
@@ -40,5 +39,5 @@ class AnomalyMapGenerator(nn.Module):
             torch.Tensor: Anomaly map aligned with the input pixels, shape ``(B, 1, H, W)``.
 
         """
-        anomaly_map = warp(distance.unsqueeze(1), invert_theta(theta), size=image_size, padding_mode="border")
+        anomaly_map = warp(distance.unsqueeze(1), theta, size=image_size, padding_mode="border", inverse=True)
         return self.blur(anomaly_map)

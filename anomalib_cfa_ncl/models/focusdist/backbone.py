@@ -14,6 +14,8 @@ import timm
 import torch
 from torch import nn
 
+INPUT_LIMIT = 1e3  # normalised images lie within about +-3; clamping far outside keeps every score finite
+
 
 def _unknown_backbone_message(backbone: str) -> str:
     close = difflib.get_close_matches(backbone, timm.list_models(), n=3)
@@ -54,51 +56,40 @@ def layer_indices(backbone: str, layers: list[str]) -> list[int]:
     return indices
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        msg = f"backbone_weights file {str(path)!r} does not exist: give the path of a .safetensors or .pth file."
-        raise FileNotFoundError(msg)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+def read_backbone_weights(path: str | Path, backbone: str, indices: list[int]) -> dict[str, torch.Tensor]:
+    """Read a local weights file with timm's reader and check that it fits the architecture.
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        msg = f"Could not read backbone_weights {str(path)!r} ({error}): give a .safetensors or .pth state dict."
-        raise ValueError(msg) from error
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        msg = f"backbone_weights {str(path)!r} holds a {type(state).__name__}, not a state dict of tensors."
-        raise ValueError(msg)
-    return state
-
-
-def load_backbone_weights(model: nn.Module, path: str | Path, backbone: str) -> None:
-    """Load a local state dict (timm key names) into a ``features_only`` model, checking every tensor.
-
-    Keys of the full model that the feature model does not use (e.g. the classifier) are ignored; a missing
-    key, a shape mismatch or a key the architecture does not have (e.g. the extra blocks of a deeper variant)
-    means the file belongs to another architecture and raises.
+    timm reads ``.safetensors`` and ``.pth``/``.pt`` files (also inside a ``state_dict``/``model`` entry); it loads
+    a ``features_only`` model without strict key checks, so a missing key, a shape mismatch or a key the
+    architecture does not have (e.g. the extra blocks of a deeper variant) is refused here, before loading.
 
     Args:
-        model (nn.Module): The timm feature model.
-        path (str | Path): A ``.safetensors`` or ``.pth``/``.pt`` file.
-        backbone (str): The timm model name, for the error message.
+        path (str | Path): The weights file, in timm key names.
+        backbone (str): The timm model name.
+        indices (list[int]): The feature indices that will be built.
+
+    Returns:
+        dict[str, torch.Tensor]: The state dict, for ``pretrained_cfg_overlay={"state_dict": ...}``.
 
     Raises:
         FileNotFoundError: If the file does not exist.
         ValueError: If the file cannot be read or does not fit the architecture.
 
     """
-    state = _read_state_dict(Path(path))
-    expected = model.state_dict()
+    path = Path(path)
+    if not path.is_file():
+        msg = f"backbone_weights file {str(path)!r} does not exist: give the path of a .safetensors or .pth file."
+        raise FileNotFoundError(msg)
+    try:
+        state = timm.models.load_state_dict(str(path))
+    except Exception as error:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+        msg = f"Could not read backbone_weights {str(path)!r} ({reason}): give a .safetensors or .pth state dict."
+        raise ValueError(msg) from error
+    expected = timm.create_model(backbone, features_only=True, out_indices=indices).state_dict()
     missing = [key for key in expected if key not in state]
     mismatched = [key for key in expected if key in state and state[key].shape != expected[key].shape]
-    full_model_keys = set(timm.create_model(backbone, pretrained=False).state_dict())
+    full_model_keys = set(timm.create_model(backbone).state_dict())
     foreign = [key for key in state if key not in full_model_keys and key not in expected]
     if missing or mismatched or foreign:
         example = (missing or foreign or [f"{mismatched[0]} {tuple(state[mismatched[0]].shape)}"])[0]
@@ -108,7 +99,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path, backbone: str) -> 
             f"Give the weights of {backbone!r} in timm key names."
         )
         raise ValueError(msg)
-    model.load_state_dict({key: state[key] for key in expected})
+    return state
 
 
 def create_feature_extractor(
@@ -133,23 +124,55 @@ def create_feature_extractor(
 
     """
     indices = layer_indices(backbone, layers)
-    download = pre_trained and backbone_weights is None
+    local = pre_trained and backbone_weights is not None
+    overlay = {"state_dict": read_backbone_weights(backbone_weights, backbone, indices)} if local else None
     try:
-        model = timm.create_model(backbone, pretrained=download, features_only=True, out_indices=indices)
+        return timm.create_model(
+            backbone, pretrained=pre_trained, pretrained_cfg_overlay=overlay, features_only=True, out_indices=indices
+        )
     except Exception as error:
-        if not download:
+        if not pre_trained or local:
             raise
         msg = (
             f"Could not fetch ImageNet weights for {backbone!r} ({type(error).__name__}: {error}). Without internet, "
             "pass backbone_weights=<path to a .safetensors or .pth file of this backbone>, or pre_trained=False."
         )
         raise RuntimeError(msg) from error
-    if pre_trained and backbone_weights is not None:
-        load_backbone_weights(model, backbone_weights, backbone)
-    return model
 
 
 def feature_module(model: nn.Module, layer: str) -> nn.Module:
     """Return the submodule whose output is the feature ``layer`` (timm flattens ``a.b`` to ``a_b`` in some nets)."""
     modules = dict(model.named_modules())
     return modules.get(layer) or modules[layer.replace(".", "_")]
+
+
+def checked_images(images: torch.Tensor, min_size: int) -> torch.Tensor:
+    """Raise a one-line error, with the fix, for a batch the backbone cannot take; clamp far-out values.
+
+    Args:
+        images (torch.Tensor): Input images, expected shape ``(B, 3, H, W)`` with ``H, W >= min_size``.
+        min_size (int): The backbone's largest stride.
+
+    Returns:
+        torch.Tensor: The images, clamped to ``+-INPUT_LIMIT``.
+
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        msg = (
+            f"FocusDist expects RGB image batches of shape (B, 3, H, W), got {tuple(images.shape)}: convert "
+            "grayscale or RGBA images to RGB first (anomalib's datasets read images as RGB)."
+        )
+        raise ValueError(msg)
+    if min(images.shape[-2:]) < min_size:
+        msg = (
+            f"Input {tuple(images.shape[-2:])} is smaller than the backbone's stride {min_size}: "
+            f"resize images to at least {min_size}x{min_size} (the default pre-processor resizes to 256)."
+        )
+        raise ValueError(msg)
+    if not torch.compiler.is_exporting() and not torch.isfinite(images).all():
+        msg = (
+            "The image batch contains NaN or Inf values: check the image files and the pre-processing "
+            "(e.g. a Normalize with a zero std)."
+        )
+        raise ValueError(msg)
+    return images.clamp(-INPUT_LIMIT, INPUT_LIMIT)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import nncf
     import openvino as ov
     from anomalib.data import AnomalibDataModule
@@ -164,3 +166,26 @@ def quantize_feature_network(ov_model: ov.Model, datamodule: AnomalibDataModule 
         )
     dataset = nncf.Dataset(dataloader, lambda batch: batch["image"])
     return nncf.quantize(ov_model, dataset, ignored_scope=int8_ignored_scope(ov_model))
+
+
+class ExportChecks:
+    """Export methods of :class:`~.lightning_model.FocusDist` (mixed in before ``AnomalibModule``)."""
+
+    model: FocusDistModel
+    pre_processor: nn.Module | None
+
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Export to ONNX (also the first step of OpenVINO), first checking that ``input_size`` fits the statistics."""
+        check_export_input_size(self.model, self.pre_processor, input_size)
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)  # type: ignore[misc]
+
+    @staticmethod
+    def _post_training_quantization_ov(model: Any, datamodule: AnomalibDataModule | None = None) -> Any:
+        """``INT8_PTQ`` on an OpenVINO model: only the feature network is quantised, the scoring stays in float."""
+        return quantize_feature_network(model, datamodule)

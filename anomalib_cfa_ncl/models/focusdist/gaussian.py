@@ -15,6 +15,16 @@ import torch
 from anomalib.models.components.base import DynamicBufferMixin
 
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+SUBSET_SEED = 0
+
+
+def channel_subset(total: int, n_features: int | None) -> torch.Tensor:
+    """The fixed random (seeded) subset of ``n_features`` of ``total`` channels the Gaussian keeps, sorted."""
+    if n_features is not None and not n_features > 0:
+        msg = f"n_features must be a positive number of channels (or None for all {total}), got {n_features}."
+        raise ValueError(msg)
+    keep = total if n_features is None else min(n_features, total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(SUBSET_SEED))[:keep].sort().values
 
 
 @contextmanager

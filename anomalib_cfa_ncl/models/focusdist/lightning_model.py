@@ -4,8 +4,9 @@ Example:
     >>> from anomalib.data import MVTecAD
     >>> from anomalib.engine import Engine
     >>> from anomalib_cfa_ncl import FocusDist
+    >>> model, datamodule = FocusDist(), MVTecAD(category="bottle")
     >>> engine = Engine()
-    >>> engine.fit(model=FocusDist(), datamodule=MVTecAD(category="bottle"))  # doctest: +SKIP
+    >>> engine.fit(model=model, datamodule=datamodule)  # doctest: +SKIP
     >>> engine.test(model=model, datamodule=datamodule)  # doctest: +SKIP
 
 """
@@ -15,39 +16,40 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from anomalib import LearningType
-from anomalib.data import AnomalibDataModule, Batch
+from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.utils.serialization import anomalib_safe_globals
 from anomalib.visualization import Visualizer
 from kornia.augmentation import RandomAffine
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from anomalib_cfa_ncl.data.convert import check_image_files
-
-from ...visualization import AlignmentVisualizer
-from .export import check_export_input_size, quantize_feature_network
+from .checkpoint import check_checkpoint, checkpoint_file
+from .export import ExportChecks
 from .loss import FocusDistLoss
 from .torch_model import FocusDistModel
+from .visualization import AlignmentVisualizer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["FocusDist"]
 
-# a key only a FocusDist checkpoint has: it tells our checkpoints from other models' ones
-SIGNATURE_KEY = "model.gaussian.precision_scale"
 DEFAULT_MAX_EPOCHS = 5
 LIGHTNING_FALLBACK_MAX_EPOCHS = 1000  # what Lightning uses when neither max_epochs nor max_steps is set
+# pose augmentation of the training images (RandomAffine), well within the transformer's bounds: degrees, shift, zoom
+POSE_DEGREES = 15.0
+POSE_SHIFT = 0.05
+POSE_ZOOM = (0.95, 1.05)
 
 
-class FocusDist(AnomalibModule):
+class FocusDist(ExportChecks, AnomalibModule):
     """FocusDist: coarse-to-fine non-contrastive learning for anomaly detection and localisation.
 
     Training fine-tunes the backbone with the dense non-contrastive loss while spatial transformers align the
@@ -61,15 +63,14 @@ class FocusDist(AnomalibModule):
         pre_trained (bool): Start from ImageNet weights. Defaults to ``True``.
         backbone_weights (str | None): Local weights file (``.safetensors`` or ``.pth``, timm key names) used
             instead of the download, for machines without internet. Defaults to ``None``.
-        n_features (int | None): Channels kept for the Gaussian (a fixed random subset; ``None`` keeps all).
-            The default 176 keeps the statistics at 63 MB for a 256x256 input. Defaults to ``176``.
+        n_features (int | None): Channels kept for the Gaussian (a fixed random subset; ``None``: all); 176 keeps
+            the statistics at 63 MB for a 256x256 input. Defaults to ``176``.
         image_alignment (bool): Image-level coarse alignment. Defaults to ``True``.
         image_alignment_min_gain (float): After training the image alignment is kept only if it reduces the
             training images' spread (their ICA loss) by at least this fraction; otherwise (textures, images
             already aligned) the identity is used. ``0`` always keeps it. Defaults to ``0.2``.
         feature_alignment (bool): Feature-level coarse alignment. Defaults to ``True``.
-        ncl (bool): Fine alignment by the non-contrastive loss. Off, the backbone stays as pre-trained.
-            Defaults to ``True``.
+        ncl (bool): Fine alignment by the non-contrastive loss (off: the backbone stays). Defaults to ``True``.
         pose_augmentation (bool): Random similarity transforms of the training images, so the image-level
             alignment has misalignment to undo (used only with ``image_alignment``). Defaults to ``True``.
         ica_weight (float): Weight of the image-alignment loss. Defaults to ``1.0``.
@@ -82,10 +83,9 @@ class FocusDist(AnomalibModule):
         regularization (float): Covariance ridge relative to the mean feature variance. Defaults to ``0.01``.
         statistics_neighbourhood (int): Each location's Gaussian is fitted on the samples of this square of
             neighbouring locations (9x the samples at 3; ``1``: its own only). Defaults to ``3``.
-        statistics_dtype (str): Storage of the precision matrices, ``"float16"`` or ``"float32"``.
-            Defaults to ``"float16"``.
-        pre_processor (nn.Module | bool): Pre-processor, or ``True`` for the default (resize to 256, ImageNet
-            normalisation).
+        statistics_dtype (str): Precision matrices stored as ``"float16"`` or ``"float32"``. Defaults to ``"float16"``.
+        blur_sigma (float): Standard deviation of the anomaly-map blur, in input pixels. Defaults to ``4.0``.
+        pre_processor (nn.Module | bool): Pre-processor, or ``True`` for the default (resize to 256, normalise).
         post_processor (nn.Module | bool): Post-processor, or ``True`` for the default.
         evaluator (Evaluator | bool): Evaluator, or ``True`` for the default metrics.
         visualizer (Visualizer | bool): Visualizer, or ``True`` for the default.
@@ -96,6 +96,10 @@ class FocusDist(AnomalibModule):
         'one_class'
 
     """
+
+    # Callbacks of every FocusDist run, beside anomalib's. anomalib_cfa_ncl appends its dataset checks
+    # (anomalib_cfa_ncl.data.checks) when imported, so this folder imports nothing else of the package.
+    run_callbacks: ClassVar[list[type[Callback]]] = [AlignmentVisualizer]
 
     def __init__(
         self,
@@ -118,6 +122,7 @@ class FocusDist(AnomalibModule):
         regularization: float = 0.01,
         statistics_neighbourhood: int = 3,
         statistics_dtype: str = "float16",
+        blur_sigma: float = 4.0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -145,12 +150,13 @@ class FocusDist(AnomalibModule):
             regularization=regularization,
             statistics_neighbourhood=statistics_neighbourhood,
             statistics_dtype=statistics_dtype,
+            blur_sigma=blur_sigma,
         )
         self.loss = FocusDistLoss(ica_weight=ica_weight)
         self.lr = lr
         self.backbone_lr = backbone_lr
         self.augment = (
-            RandomAffine(degrees=15.0, translate=(0.05, 0.05), scale=(0.95, 1.05), padding_mode="reflection", p=1.0)
+            RandomAffine(POSE_DEGREES, (POSE_SHIFT, POSE_SHIFT), POSE_ZOOM, padding_mode="reflection", p=1.0)
             if image_alignment and pose_augmentation
             else None
         )
@@ -167,40 +173,13 @@ class FocusDist(AnomalibModule):
         return LearningType.ONE_CLASS
 
     def setup(self, stage: str) -> None:
-        """Refuse image files anomalib would misread, and bound training when no length was given."""
+        """Bound training when no length was given."""
         trainer = self._trainer
-        if trainer is None:
+        if trainer is None or stage != "fit":
             return
-        self._check_dataset_images(trainer.datamodule)
-        if stage == "fit":
-            self._check_training_set(trainer.datamodule)
-        unbounded = trainer.max_steps == -1 and trainer.fit_loop.max_epochs == LIGHTNING_FALLBACK_MAX_EPOCHS
-        if stage == "fit" and unbounded:
+        if trainer.max_steps == -1 and trainer.fit_loop.max_epochs == LIGHTNING_FALLBACK_MAX_EPOCHS:
             logger.info("FocusDist: no max_epochs given, training %d epochs.", DEFAULT_MAX_EPOCHS)
             trainer.fit_loop.max_epochs = DEFAULT_MAX_EPOCHS
-
-    @staticmethod
-    def _check_training_set(datamodule: object) -> None:
-        """Refuse an empty training set before the sampler fails with an obscure message."""
-        train_data = getattr(datamodule, "train_data", None)
-        if train_data is not None and len(train_data) == 0:
-            root = getattr(datamodule, "root", None)
-            category = getattr(datamodule, "category", None)
-            where = f" in {Path(root) / category / 'train' / 'good'}" if root and category else ""
-            msg = (
-                f"The training set is empty: no normal image was found{where}. FocusDist learns from defect-free "
-                "images only; put at least one (ideally 50 or more) there, or point --data.root/--data.category "
-                "at the right folder."
-            )
-            raise ValueError(msg)
-
-    @staticmethod
-    def _check_dataset_images(datamodule: object) -> None:
-        """Check the image files of the datamodule's datasets (file headers only, so it is cheap)."""
-        for name in ("train_data", "val_data", "test_data"):
-            samples = getattr(getattr(datamodule, name, None), "samples", None)
-            if samples is not None and "image_path" in samples:
-                check_image_files(samples["image_path"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """Adam with a small learning rate for the backbone and a larger one for the new modules."""
@@ -215,8 +194,8 @@ class FocusDist(AnomalibModule):
         return torch.optim.Adam(groups) if groups else None
 
     def configure_callbacks(self) -> list[Callback]:
-        """Add the alignment view (each image beside its coarse alignment) to anomalib's callbacks."""
-        return [*super().configure_callbacks(), AlignmentVisualizer()]
+        """Add the alignment view (each image beside its coarse alignment) and the ``run_callbacks`` to anomalib's."""
+        return [*super().configure_callbacks(), *(callback() for callback in self.run_callbacks)]
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Align, extract features and compute the NCL and ICA losses of one batch."""
@@ -248,133 +227,69 @@ class FocusDist(AnomalibModule):
         self.fit_statistics_if_stale()
 
     def fit_statistics_if_stale(self) -> None:
-        """Refit the Gaussian when the network changed since the last fit."""
-        if self._statistics_stale:
-            self.fit_statistics()
-
-    def _statistics_dataloader(self) -> DataLoader:
-        """Load the training images without shuffling, split across processes without padding (exact sums)."""
-        loader = self.trainer.train_dataloader
-        if loader is None:
-            msg = "FocusDist fits its statistics on the training images: call engine.fit with a training set."
-            raise RuntimeError(msg)
-        dataset = loader.dataset
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        shard = Subset(dataset, range(rank, len(dataset), world))
-        return DataLoader(
-            shard,
-            batch_size=loader.batch_size or 1,
-            shuffle=False,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-        )
-
-    def _training_images(self) -> Iterator[torch.Tensor]:
-        """This process's share of the training images, pre-processed, without augmentation."""
-        for batch in self._statistics_dataloader():
-            images = batch.image.to(self.device)
-            if self.pre_processor is not None and getattr(self.pre_processor, "transform", None) is not None:
-                images = self.pre_processor.transform(images)
-            yield images
-
-    def _check_every_process_saw_images(self, saw_images: bool) -> None:
-        """Stop before a collective reduce that a process without images could not join."""
-        if self.trainer.world_size > 1 and not saw_images:
-            msg = "Each process needs at least one training image: use fewer devices than training images."
-            raise ValueError(msg)
-
-    def fit_statistics(self) -> None:
-        """One streaming pass over the training images (no augmentation) to fit the per-location Gaussian."""
-        was_training = self.model.training
-        self.model.eval()
-        gaussian = self.model.gaussian
-        gaussian.reset()
+        """Refit the statistics (alignment gate and Gaussian) when the network changed since the last fit."""
+        if not self._statistics_stale:
+            return
         reduce = None
         if self.trainer.world_size > 1:
             reduce = lambda tensor: self.trainer.strategy.reduce(tensor, reduce_op="sum")  # noqa: E731
-        with torch.inference_mode(False), torch.no_grad():
-            gate = self.model.alignment_gate
-            if gate is not None:  # the Gaussian is fitted in the frame the gate chooses
-                for images in self._training_images():
-                    self.model.measure_alignment(images)
-                self._check_every_process_saw_images(bool(gate.sums))
-                gate.finalize(reduce)
-                logger.info(
-                    "FocusDist: image alignment lowers the training images' spread by %.1f %% (kept from %.1f %%): %s.",
-                    100 * gate.gain.item(),
-                    100 * gate.min_gain,
-                    "kept" if gate.enabled.item() else "identity used instead",
-                )
-            for images in self._training_images():
-                gaussian.update(self.model.embed(images)[0])
-            self._check_every_process_saw_images(gaussian.running_sum is not None)
-            gaussian.finalize(reduce)
-        self.model.train(was_training)
+        transform = getattr(self.pre_processor, "transform", None)
+        images = TrainingImages(statistics_dataloader(self.trainer), transform, self.device)
+        self.model.fit_statistics(images, reduce)
         self._statistics_stale = False
+        log_alignment_gate(self.model)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> FocusDist:  # type: ignore[override]
-        """Load a FocusDist checkpoint, with a one-line error for a corrupted file or another model's checkpoint.
+        """Load a FocusDist checkpoint, with a one-line error for a missing or corrupted file.
 
-        Args:
-            checkpoint_path (str | Path): The ``.ckpt`` file.
-            *args: Passed to :meth:`AnomalibModule.load_from_checkpoint`.
-            **kwargs: Passed to :meth:`AnomalibModule.load_from_checkpoint` (e.g. ``map_location="cpu"``).
-                ``pre_trained`` defaults to ``False``: the checkpoint holds every weight, so the ImageNet download
-                (or the training machine's ``backbone_weights`` file) is not needed, e.g. on an offline machine.
-
-        Returns:
-            FocusDist: The restored model.
+        ``pre_trained`` defaults to ``False``: the checkpoint holds every weight, so neither the ImageNet download
+        nor the training machine's ``backbone_weights`` file is needed (e.g. offline). Other arguments are
+        :meth:`AnomalibModule.load_from_checkpoint`'s (e.g. ``map_location="cpu"``).
         """
-        check_checkpoint(read_checkpoint(checkpoint_path), checkpoint_path)
         kwargs.setdefault("pre_trained", False)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        return super().load_from_checkpoint(checkpoint_file(checkpoint_path), *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse another model's checkpoint before its weights are loaded (``Engine(..., ckpt_path=...)``)."""
-        check_checkpoint(checkpoint, "the checkpoint")
+        """Refuse another model's checkpoint before its weights are loaded (every way of loading passes here)."""
+        check_checkpoint(checkpoint)
         super().on_load_checkpoint(checkpoint)
 
-    def to_onnx(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        **kwargs: Any,
-    ) -> Path:
-        """Export to ONNX (also the first step of OpenVINO), first checking that ``input_size`` fits the statistics."""
-        check_export_input_size(self.model, self.pre_processor, input_size)
-        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
-    @staticmethod
-    def _post_training_quantization_ov(model: Any, datamodule: AnomalibDataModule | None = None) -> Any:
-        """``INT8_PTQ`` on an OpenVINO model: only the feature network is quantised, the scoring stays in float."""
-        return quantize_feature_network(model, datamodule)
+class TrainingImages:
+    """Pre-processed training images, batch by batch, iterable as often as needed (the statistics fit reads twice)."""
+
+    def __init__(self, loader: DataLoader, transform: nn.Module | None, device: torch.device) -> None:
+        self.loader, self.transform, self.device = loader, transform, device
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Yield the images of each batch on the device, through the pre-processor's transform: ``(B, 3, H, W)``."""
+        for batch in self.loader:
+            images = batch.image.to(self.device)
+            yield self.transform(images) if self.transform is not None else images
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU (``weights_only=True``) with a one-line error for an unreadable file."""
-    path = Path(path)
-    if not path.is_file():
-        msg = f"Checkpoint {str(path)!r} does not exist: give the path of a FocusDist .ckpt file."
-        raise FileNotFoundError(msg)
-    try:
-        with anomalib_safe_globals():
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        msg = (
-            f"Could not read checkpoint {str(path)!r} ({type(error).__name__}): the file is corrupted or not a "
-            "PyTorch Lightning checkpoint; train again or copy the file again."
-        )
-        raise ValueError(msg) from error
-
-
-def check_checkpoint(checkpoint: dict[str, Any], source: str | Path) -> None:
-    """Raise a one-line error unless ``checkpoint`` holds a fitted FocusDist."""
-    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
-    if SIGNATURE_KEY not in state:
-        msg = (
-            f"{source} is not a FocusDist checkpoint (it has no fitted FocusDist statistics): load it with the "
-            "model class that wrote it, or train FocusDist first."
-        )
+def statistics_dataloader(trainer: Trainer) -> DataLoader:
+    """The training images without shuffling, split across processes without padding (so the sums stay exact)."""
+    loader = trainer.train_dataloader
+    if loader is None:
+        msg = "FocusDist fits its statistics on the training images: call engine.fit with a training set."
+        raise RuntimeError(msg)
+    if len(loader.dataset) < trainer.world_size:
+        msg = f"FocusDist fits its statistics in every process: use at most {len(loader.dataset)} devices."
         raise ValueError(msg)
+    sampler = UnrepeatedDistributedSampler(loader.dataset, trainer.world_size, trainer.global_rank, shuffle=False)
+    batch_size, workers = loader.batch_size or 1, loader.num_workers
+    return DataLoader(loader.dataset, batch_size, sampler=sampler, num_workers=workers, collate_fn=loader.collate_fn)
+
+
+def log_alignment_gate(model: FocusDistModel) -> None:
+    """Say whether the statistics fit kept the image alignment, and why."""
+    gate = model.alignment_gate
+    if gate is not None:
+        logger.info(
+            "FocusDist: image alignment lowers the training images' spread by %.1f %% (kept from %.1f %%): %s.",
+            100 * gate.gain.item(),
+            100 * gate.min_gain,
+            "kept" if gate.enabled.item() else "identity used instead",
+        )

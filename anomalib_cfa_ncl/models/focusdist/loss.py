@@ -1,13 +1,51 @@
-"""Losses of FocusDist: image-level coarse alignment (ICA) and dense non-contrastive learning (NCL)."""
+"""Losses of FocusDist: image-level coarse alignment (ICA) and dense non-contrastive learning (NCL) with its heads."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F  # noqa: N812
-from kornia.filters import gaussian_blur2d
 from torch import nn
 
-ICA_SIZE = 64  # side of the low-pass copy the ICA loss compares
+from .alignment import low_pass_copy
+
+
+class NCLHead(nn.Module):
+    """Projector ``g`` and predictor ``h`` of the dense non-contrastive loss (1x1 convolutions).
+
+    Args:
+        in_channels (int): Channels of the feature map.
+        projection_dim (int): Width of the projection.
+
+    Example:
+        >>> head = NCLHead(64, 128)
+        >>> prediction, target = head(torch.rand(2, 64, 8, 8))
+        >>> prediction.shape
+        torch.Size([2, 128, 8, 8])
+
+    """
+
+    def __init__(self, in_channels: int, projection_dim: int = 128) -> None:
+        super().__init__()
+        bottleneck = max(projection_dim // 4, 1)
+        self.projector = nn.Sequential(
+            nn.Conv2d(in_channels, projection_dim, 1, bias=False),
+            nn.BatchNorm2d(projection_dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(projection_dim, projection_dim, 1),
+        )
+        self.predictor = nn.Sequential(
+            nn.Conv2d(projection_dim, bottleneck, 1, bias=False),
+            nn.BatchNorm2d(bottleneck),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(bottleneck, projection_dim, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(h(g(f)), g(f))``, each of shape ``(B, projection_dim, H, W)``."""
+        target = self.projector(features)
+        return self.predictor(target), target
 
 
 def ica_loss(aligned_images: torch.Tensor) -> torch.Tensor:
@@ -26,25 +64,6 @@ def ica_loss(aligned_images: torch.Tensor) -> torch.Tensor:
     """
     low_pass = low_pass_copy(aligned_images)
     return (low_pass - low_pass.mean(dim=0, keepdim=True)).pow(2).mean()
-
-
-def low_pass_copy(images: torch.Tensor) -> torch.Tensor:
-    """Blurred ``ICA_SIZE x ICA_SIZE`` copy of images, what the ICA loss compares.
-
-    Args:
-        images (torch.Tensor): Images, shape ``(B, C, H, W)``.
-
-    Returns:
-        torch.Tensor: Low-pass copy, shape ``(B, C, ICA_SIZE, ICA_SIZE)``.
-
-    """
-    return F.interpolate(
-        gaussian_blur2d(images, (9, 9), (2.0, 2.0)),
-        size=(ICA_SIZE, ICA_SIZE),
-        mode="bilinear",
-        align_corners=False,
-        antialias=True,
-    )
 
 
 def ncl_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -69,6 +88,30 @@ def ncl_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     target = F.normalize(target.detach(), dim=1)
     others = (target.sum(dim=0, keepdim=True) - target) / (batch_size - 1)
     return -(prediction * others).sum(dim=1).mean()
+
+
+def at_most_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Average-pool maps finer than the scoring grid down to it.
+
+    Locations are only scored on the grid, so aligning finer than it buys nothing, and the 1x1 heads on a
+    stride-4 map would cost more than the backbone itself.
+    """
+    if features.shape[-2] <= grid[0] and features.shape[-1] <= grid[1]:
+        return features
+    return F.adaptive_avg_pool2d(features, grid)
+
+
+class TrainingOutput(NamedTuple):
+    """What the training forward returns for :class:`~.loss.FocusDistLoss`.
+
+    Attributes:
+        ncl_pairs: Per layer, ``(prediction, target)`` of shape ``(B, D, h_k, w_k)``; empty when NCL is off.
+        aligned_images: Output of the image transformer ``(B, 3, H, W)``, or ``None`` when it is off.
+
+    """
+
+    ncl_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    aligned_images: torch.Tensor | None
 
 
 class FocusDistLoss(nn.Module):

@@ -12,86 +12,32 @@ warped back into the input's coordinates with the inverse of the composed transf
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from .alignment import (
-    FEATURE_POOL_SIZE,
-    AlignmentGate,
-    SimilarityTransformer,
-    compose_theta,
-    identity_theta,
-    warp,
-)
+from .alignment import AlignedFeatures, SimilarityTransformer, compose_theta, feature_transformer, identity_theta, warp
 from .anomaly_map import AnomalyMapGenerator
-from .backbone import create_feature_extractor, feature_module
-from .gaussian import StreamingGaussian
+from .backbone import checked_images, create_feature_extractor, feature_module
+from .gate import AlignmentGate
+from .gaussian import StreamingGaussian, channel_subset
+from .loss import NCLHead, TrainingOutput, at_most_grid
 
-FEATURE_MAX_ANGLE = math.pi / 8
-FEATURE_MAX_SCALE = 1.1
-FEATURE_MAX_SHIFT = 0.1
-SUBSET_SEED = 0
-INPUT_LIMIT = 1e3  # normalised images lie within about +-3; clamping far outside keeps every score finite
-
-
-class NCLHead(nn.Module):
-    """Projector ``g`` and predictor ``h`` of the dense non-contrastive loss (1x1 convolutions).
-
-    Args:
-        in_channels (int): Channels of the feature map.
-        projection_dim (int): Width of the projection.
-
-    Example:
-        >>> head = NCLHead(64, 128)
-        >>> prediction, target = head(torch.rand(2, 64, 8, 8))
-        >>> prediction.shape
-        torch.Size([2, 128, 8, 8])
-
-    """
-
-    def __init__(self, in_channels: int, projection_dim: int = 128) -> None:
-        super().__init__()
-        bottleneck = max(projection_dim // 4, 1)
-        self.projector = nn.Sequential(
-            nn.Conv2d(in_channels, projection_dim, 1, bias=False),
-            nn.BatchNorm2d(projection_dim),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(projection_dim, projection_dim, 1),
-        )
-        self.predictor = nn.Sequential(
-            nn.Conv2d(projection_dim, bottleneck, 1, bias=False),
-            nn.BatchNorm2d(bottleneck),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(bottleneck, projection_dim, 1),
-        )
-
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(h(g(f)), g(f))``, each of shape ``(B, projection_dim, H, W)``."""
-        target = self.projector(features)
-        return self.predictor(target), target
-
-
-class TrainingOutput(NamedTuple):
-    """What the training forward returns for :class:`~.loss.FocusDistLoss`.
-
-    Attributes:
-        ncl_pairs: Per layer, ``(prediction, target)`` of shape ``(B, D, h_k, w_k)``; empty when NCL is off.
-        aligned_images: Output of the image transformer ``(B, 3, H, W)``, or ``None`` when it is off.
-
-    """
-
-    ncl_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    aligned_images: torch.Tensor | None
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes
 
 
 def _layer_key(layer: str) -> str:
     """Module-dict key for a layer name (``ModuleDict`` keys cannot contain dots)."""
     return layer.replace(".", "_")
+
+
+def _per_layer(layers: list[str], channels: list[int], make: Callable[[int], nn.Module]) -> nn.ModuleDict:
+    """One module per layer, made from the layer's number of channels."""
+    return nn.ModuleDict({_layer_key(layer): make(dim) for layer, dim in zip(layers, channels, strict=True)})
 
 
 class FocusDistModel(nn.Module):
@@ -158,41 +104,13 @@ class FocusDistModel(nn.Module):
 
         self.image_transformer = SimilarityTransformer(3) if image_alignment else None
         self.alignment_gate = AlignmentGate(image_alignment_min_gain) if image_alignment else None
-        self.feature_transformers = (
-            nn.ModuleDict(
-                {
-                    _layer_key(layer): SimilarityTransformer(
-                        dim,
-                        pool_size=FEATURE_POOL_SIZE,
-                        max_angle=FEATURE_MAX_ANGLE,
-                        max_scale=FEATURE_MAX_SCALE,
-                        max_shift=FEATURE_MAX_SHIFT,
-                    )
-                    for layer, dim in zip(layers, channels, strict=True)
-                }
-            )
-            if feature_alignment
-            else None
-        )
-        self.ncl_heads = (
-            nn.ModuleDict(
-                {_layer_key(layer): NCLHead(dim, projection_dim) for layer, dim in zip(layers, channels, strict=True)}
-            )
-            if ncl
-            else None
-        )
-        if self.feature_transformers is not None:
+        self.feature_transformers = _per_layer(layers, channels, feature_transformer) if feature_alignment else None
+        self.ncl_heads = _per_layer(layers, channels, partial(NCLHead, projection_dim=projection_dim)) if ncl else None
+        if self.feature_transformers is not None:  # FCA: a forward hook warps each selected stage's output
             for layer in layers:
                 hook = self.feature_transformers[_layer_key(layer)].warp_output_hook
                 feature_module(self.feature_extractor, layer).register_forward_hook(hook)
-
-        total = sum(channels)
-        if n_features is not None and not n_features > 0:
-            msg = f"n_features must be a positive number of channels (or None for all {total}), got {n_features}."
-            raise ValueError(msg)
-        keep = total if n_features is None else min(n_features, total)
-        subset = torch.randperm(total, generator=torch.Generator().manual_seed(SUBSET_SEED))[:keep].sort().values
-        self.register_buffer("feature_index", subset)
+        self.register_buffer("feature_index", channel_subset(sum(channels), n_features))
         self.feature_index: torch.Tensor
         self.gaussian = StreamingGaussian(regularization, statistics_dtype, statistics_neighbourhood)
         self.anomaly_map_generator = AnomalyMapGenerator(blur_sigma)
@@ -227,76 +145,39 @@ class FocusDistModel(nn.Module):
             theta = self.alignment_gate(theta)
         return warp(images, theta, padding_mode="reflection"), theta
 
-    def measure_alignment(self, images: torch.Tensor) -> None:
-        """Add training images to the :class:`AlignmentGate`'s sums (evaluation mode, before the statistics fit).
-
-        Args:
-            images (torch.Tensor): Training images without augmentation, shape ``(B, 3, H, W)``.
-
-        """
-        if self.alignment_gate is None:
-            return
-        self._check_input(images)
-        images = images.clamp(-INPUT_LIMIT, INPUT_LIMIT)
-        self.alignment_gate.update(images, self.align_images(images, gated=False)[0])
-
-    def extract_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Run both coarse alignments and the backbone.
+    def extract_features(self, images: torch.Tensor) -> AlignedFeatures:
+        """Run the image-level alignment, then the backbone with the feature-level alignment of every stage.
 
         Args:
             images (torch.Tensor): Input images, shape ``(B, 3, H, W)``.
 
         Returns:
-            tuple: ``features`` (per layer, in its own frame, ``(B, C_k, h_k, w_k)``), ``thetas`` (per layer, the
-            transform of its stage, ``(B, 2, 3)``, identity when feature alignment is off) and the aligned
-            images ``(B, 3, H, W)`` with the image transform appended to ``thetas`` first.
+            AlignedFeatures: The features of every layer and the transforms that produced them.
 
         """
-        self._check_input(images)
-        aligned, image_theta = self.align_images(images.clamp(-INPUT_LIMIT, INPUT_LIMIT))
+        aligned, image_theta = self.align_images(checked_images(images, self.min_input_size))
+        # Feature-level alignment runs inside this call: a forward hook on each selected stage warps the stage's
+        # output before the next stage consumes it (timm backbones share no stage-by-stage interface, so hooks
+        # keep every one of them working). Each transformer keeps the transform it applied, collected below.
         features = self.feature_extractor(aligned.contiguous(memory_format=torch.channels_last))
         if self.feature_transformers is None:
-            thetas = [identity_theta(images.shape[0], images.device, images.dtype)] * len(features)
+            stage_thetas = [identity_theta(images.shape[0], images.device, images.dtype)] * len(features)
         else:
-            thetas = [transformer.pop_theta() for transformer in self.feature_transformers.values()]
-        return features, [image_theta, *thetas], aligned
+            stage_thetas = [transformer.pop_theta() for transformer in self.feature_transformers.values()]
+        return AlignedFeatures(features, image_theta, stage_thetas, aligned)
 
-    def _check_input(self, images: torch.Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != 3:
-            msg = (
-                f"FocusDist expects RGB image batches of shape (B, 3, H, W), got {tuple(images.shape)}: convert "
-                "grayscale or RGBA images to RGB first (anomalib's datasets read images as RGB)."
-            )
-            raise ValueError(msg)
-        if min(images.shape[-2:]) < self.min_input_size:
-            msg = (
-                f"Input {tuple(images.shape[-2:])} is smaller than the backbone's stride {self.min_input_size}: "
-                f"resize images to at least {self.min_input_size}x{self.min_input_size} "
-                "(the default pre-processor resizes to 256)."
-            )
-            raise ValueError(msg)
-        if not torch.compiler.is_exporting() and not torch.isfinite(images).all():
-            msg = (
-                "The image batch contains NaN or Inf values: check the image files and the pre-processing "
-                "(e.g. a Normalize with a zero std)."
-            )
-            raise ValueError(msg)
-
-    def scoring_embedding(
-        self, features: list[torch.Tensor], thetas: list[torch.Tensor], size: tuple[int, int]
-    ) -> torch.Tensor:
+    def scoring_embedding(self, aligned: AlignedFeatures, size: tuple[int, int]) -> torch.Tensor:
         """Resample every layer into the deepest frame on the scoring grid and concatenate the kept channels.
 
         Args:
-            features (list[torch.Tensor]): Per layer, ``(B, C_k, h_k, w_k)`` in its own frame.
-            thetas (list[torch.Tensor]): The image transform followed by the per-stage transforms, ``(B, 2, 3)``.
+            aligned (AlignedFeatures): The features of every layer, each in its own frame, and their transforms.
             size (tuple[int, int]): The scoring grid ``(h, w)``.
 
         Returns:
             torch.Tensor: Embedding, shape ``(B, n_features, h, w)``.
 
         """
-        stage_thetas = thetas[1:]
+        features = aligned.features
         to_deepest = identity_theta(features[0].shape[0], features[0].device, features[0].dtype)
         resampled: list[torch.Tensor] = []
         for index in range(len(features) - 1, -1, -1):  # deepest first, composing the later stages' warps
@@ -310,27 +191,8 @@ class FocusDistModel(nn.Module):
                     count_include_pad=False,
                 )
             resampled.insert(0, warp(layer_features, to_deepest, size=size, padding_mode="border"))
-            to_deepest = compose_theta(stage_thetas[index], to_deepest)
-        embedding = torch.cat(resampled, dim=1)
-        return embedding.index_select(1, self.feature_index)
-
-    @staticmethod
-    def _at_most_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Average-pool maps finer than the scoring grid down to it.
-
-        Locations are only scored on the grid, so aligning finer than it buys nothing, and the 1x1 heads on a
-        stride-4 map would cost more than the backbone itself.
-        """
-        if features.shape[-2] <= grid[0] and features.shape[-1] <= grid[1]:
-            return features
-        return F.adaptive_avg_pool2d(features, grid)
-
-    def total_theta(self, thetas: list[torch.Tensor]) -> torch.Tensor:
-        """Compose the image transform and all stage transforms: deepest frame to input frame, ``(B, 2, 3)``."""
-        total = thetas[0]
-        for theta in thetas[1:]:
-            total = compose_theta(total, theta)
-        return total
+            to_deepest = compose_theta(aligned.stage_thetas[index], to_deepest)
+        return torch.cat(resampled, dim=1).index_select(1, self.feature_index)
 
     def grid_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Return the scoring grid ``(h, w)`` for an input size ``(H, W)``."""
@@ -346,8 +208,47 @@ class FocusDistModel(nn.Module):
             tuple[torch.Tensor, torch.Tensor]: Embedding ``(B, n_features, h, w)`` and total transform ``(B, 2, 3)``.
 
         """
-        features, thetas, _ = self.extract_features(images)
-        return self.scoring_embedding(features, thetas, self.grid_size(images.shape[-2:])), self.total_theta(thetas)
+        aligned = self.extract_features(images)
+        return self.scoring_embedding(aligned, self.grid_size(images.shape[-2:])), aligned.total_theta()
+
+    def fit_statistics(self, batches: Iterable[torch.Tensor], reduce: Reduce | None = None) -> None:
+        """Fit what scoring needs from the training images: the alignment gate's decision, then the Gaussian.
+
+        Two passes over ``batches``: the gate measures the image alignment, and the Gaussian is fitted in the
+        frame the gate chose. Runs in evaluation mode without gradients and restores the training mode.
+
+        Args:
+            batches (Iterable[torch.Tensor]): Pre-processed training images without augmentation, ``(B, 3, H, W)``
+                per batch; iterated twice, so a list or a ``DataLoader``, not a generator.
+            reduce (Callable | None): Sums a tensor over processes when each process passes its share of the
+                images (distributed training); ``None`` in a single process.
+
+        Raises:
+            TypeError: If ``batches`` can be iterated only once.
+            ValueError: If there is no image (in some process, when ``reduce`` is given).
+
+        """
+        if isinstance(batches, Iterator):
+            msg = "fit_statistics iterates the training images twice: pass a list or a DataLoader, not a generator."
+            raise TypeError(msg)
+        was_training = self.training
+        self.eval()
+        # not in inference mode: the fitted buffers must stay ordinary tensors that later training can update
+        with torch.inference_mode(False), torch.no_grad():
+            gate = self.alignment_gate
+            if gate is not None:
+                gate.reset()
+                for images in batches:
+                    images = checked_images(images, self.min_input_size)
+                    gate.update(images, self.align_images(images, gated=False)[0])
+                _check_every_process_saw_images(bool(gate.sums), reduce)
+                gate.finalize(reduce)
+            self.gaussian.reset()
+            for images in batches:
+                self.gaussian.update(self.embed(images)[0])
+            _check_every_process_saw_images(self.gaussian.running_sum is not None, reduce)
+            self.gaussian.finalize(reduce)
+        self.train(was_training)
 
     def forward(self, images: torch.Tensor) -> TrainingOutput | InferenceBatch:
         """Training: what the loss needs. Evaluation: anomaly scores and maps.
@@ -361,17 +262,16 @@ class FocusDistModel(nn.Module):
 
         """
         if self.training:
-            features, _, aligned = self.extract_features(images)
+            aligned = self.extract_features(images)
             pairs = {}
             if self.ncl_heads is not None:
                 grid = self.grid_size(images.shape[-2:])
                 pairs = {
-                    layer: self.ncl_heads[_layer_key(layer)](self._at_most_grid(feature, grid))
-                    for layer, feature in zip(self.layers, features, strict=True)
+                    layer: self.ncl_heads[_layer_key(layer)](at_most_grid(feature, grid))
+                    for layer, feature in zip(self.layers, aligned.features, strict=True)
                 }
-            return TrainingOutput(
-                ncl_pairs=pairs, aligned_images=aligned if self.image_transformer is not None else None
-            )
+            images_out = aligned.aligned_images if self.image_transformer is not None else None
+            return TrainingOutput(ncl_pairs=pairs, aligned_images=images_out)
 
         if not self.gaussian.is_fitted:
             msg = "FocusDist has no fitted statistics yet: train it (engine.fit) or load a trained checkpoint first."
@@ -388,3 +288,10 @@ class FocusDistModel(nn.Module):
         anomaly_map = self.anomaly_map_generator(distance, theta, images.shape[-2:])
         pred_score = anomaly_map.amax(dim=(-3, -2, -1))
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+
+def _check_every_process_saw_images(saw_images: bool, reduce: Reduce | None) -> None:
+    """Stop before a collective reduce that a process without images could not join."""
+    if reduce is not None and not saw_images:
+        msg = "Each process needs at least one training image: use fewer devices than training images."
+        raise ValueError(msg)

@@ -5,7 +5,7 @@ anomalib's visualiser writes the image, anomaly map and masks to ``<results>/ima
 find. Well-aligned outputs show the object in the same place and pose in every image.
 
 Example:
-    >>> from anomalib_cfa_ncl.visualization import AlignmentVisualizer
+    >>> from anomalib_cfa_ncl.models.focusdist.visualization import AlignmentVisualizer
     >>> engine = Engine(callbacks=[AlignmentVisualizer()])  # FocusDist adds one itself  # doctest: +SKIP
 
 """
@@ -19,6 +19,7 @@ import torch
 from anomalib.data import ImageBatch
 from anomalib.utils.path import generate_output_filename
 from anomalib.visualization.image.functional import add_text_to_image, create_image_grid, visualize_image
+from kornia.enhance import denormalize
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 from torchvision.transforms import v2
@@ -36,9 +37,9 @@ def _normalization(pl_module: LightningModule) -> v2.Normalize | None:
 def _to_display(images: torch.Tensor, normalize: v2.Normalize | None) -> torch.Tensor:
     """Undo the pre-processor's normalisation: ``(B, 3, H, W)`` images in ``[0, 1]``."""
     if normalize is not None:
-        mean = torch.as_tensor(normalize.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-        std = torch.as_tensor(normalize.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-        images = images * std + mean
+        mean = torch.as_tensor(normalize.mean, dtype=images.dtype, device=images.device)
+        std = torch.as_tensor(normalize.std, dtype=images.dtype, device=images.device)
+        images = denormalize(images, mean, std)
     return images.clamp(0, 1)
 
 

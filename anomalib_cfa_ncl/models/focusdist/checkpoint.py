@@ -1,0 +1,39 @@
+"""FocusDist checkpoints: one-line errors for a missing or corrupted file and for another model's checkpoint."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+# a key only a FocusDist checkpoint has: it tells our checkpoints from other models' ones
+SIGNATURE_KEY = "model.gaussian.precision_scale"
+
+
+def check_checkpoint(checkpoint: dict[str, Any]) -> None:
+    """Raise a one-line error unless ``checkpoint`` holds a fitted FocusDist."""
+    if SIGNATURE_KEY not in checkpoint.get("state_dict", {}):
+        msg = (
+            "The checkpoint is not a FocusDist checkpoint (it has no fitted FocusDist statistics): load it with the "
+            "model class that wrote it, or train FocusDist first."
+        )
+        raise ValueError(msg)
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """Return the path of a checkpoint file, or raise a one-line error when it is missing or not a checkpoint.
+
+    Lightning checkpoints are zip archives (``torch.save``); testing for one reads only the archive's directory, so
+    the file itself is read once, by Lightning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"Checkpoint {str(path)!r} does not exist: give the path of a FocusDist .ckpt file."
+        raise FileNotFoundError(msg)
+    if not zipfile.is_zipfile(path):
+        msg = (
+            f"Could not read checkpoint {str(path)!r}: the file is corrupted or not a PyTorch Lightning checkpoint; "
+            "train again or copy the file again."
+        )
+        raise ValueError(msg)
+    return path
