@@ -12,7 +12,6 @@ from kornia.geometry.transform import invert_affine_transform
 from skimage import data as skimage_data
 
 from anomalib_cfa_ncl.models.focusdist.alignment import SimilarityTransformer, compose_theta, similarity_theta, warp
-from anomalib_cfa_ncl.models.focusdist.gate import AlignmentGate
 from anomalib_cfa_ncl.models.focusdist.loss import ica_loss
 
 
@@ -126,36 +125,3 @@ def test_image_transformer_learns_to_undo_random_poses() -> None:
     residual_angle = torch.atan2(total[:, 1, 0], total[:, 0, 0])
     assert residual_angle.std() < 0.4 * angles.std()
     assert total[:, :, 2].std(dim=0).mean() < 0.5 * shifts.std(dim=0).mean()
-    # and the gate, measuring on these training images, keeps the alignment it learned
-    gate = AlignmentGate(min_gain=0.2)
-    with torch.no_grad():
-        gate.update(images, warp(images, stn(images), padding_mode="reflection"))
-    gate.finalize()
-    assert bool(gate.enabled)
-
-
-def test_alignment_gate_keeps_an_alignment_that_brings_images_together() -> None:
-    """Shifted copies of one photo, aligned back: spread falls to ~0, the alignment is kept."""
-    photo = _one_image()
-    shifts = torch.zeros(6, 2, 3)
-    shifts[:, 0, 0] = shifts[:, 1, 1] = 1.0
-    shifts[:, :, 2] = torch.linspace(-0.3, 0.3, 6)[:, None]
-    posed = warp(photo.expand(6, -1, -1, -1), shifts, padding_mode="reflection")
-    gate = AlignmentGate(min_gain=0.2)
-    gate.update(posed[:3], photo.expand(3, -1, -1, -1))
-    gate.update(posed[3:], photo.expand(3, -1, -1, -1))  # streaming: two batches
-    gate.finalize()
-    assert float(gate.gain) > 0.95 and bool(gate.enabled)
-    theta = similarity_theta(torch.randn(6, 4), math.pi / 4, math.log(1.25), 0.5)
-    assert torch.equal(gate(theta), theta)
-
-
-def test_alignment_gate_drops_an_alignment_that_changes_nothing() -> None:
-    """A texture: the transformer's output spreads as much as its input, so evaluation uses the identity."""
-    textures = torch.rand(8, 3, 64, 64)
-    gate = AlignmentGate(min_gain=0.2)
-    gate.update(textures, torch.flip(textures, dims=[-1]))  # moved, yet no closer to each other
-    gate.finalize()
-    assert abs(float(gate.gain)) < 0.05 and not bool(gate.enabled)
-    theta = similarity_theta(torch.randn(8, 4), math.pi / 4, math.log(1.25), 0.5)
-    assert torch.equal(gate(theta), torch.eye(2, 3).expand(8, 2, 3))

@@ -25,7 +25,7 @@ def test_defect_scores_highest_where_it_is_in_the_input() -> None:
     """With a non-trivial image alignment, the map must be warped back to the input's pixels."""
     torch.manual_seed(0)
     size = 128
-    switches = {"feature_alignment": False, "ncl": False, "image_alignment_min_gain": 0.0}  # 0: the gate keeps it
+    switches = {"feature_alignment": False, "ncl": False, "image_alignment_gate": False}  # always aligned
     model = FocusDistModel(backbone="resnet18", pre_trained=False, n_features=None, **switches)
     with torch.no_grad():  # a fixed, clearly non-identity alignment: rotation and a large shift
         model.image_transformer.head.bias.copy_(torch.tensor([0.5, 0.3, 0.8, -0.6]))
@@ -92,7 +92,7 @@ def test_fit_statistics_streams_batches_and_restores_the_mode() -> None:
     whole.fit_statistics([images])
     assert streamed.training  # the mode it was called in
     assert torch.equal(streamed.alignment_gate.enabled, whole.alignment_gate.enabled)
-    assert torch.isfinite(streamed.alignment_gate.gain)
+    assert torch.isfinite(streamed.alignment_gate.separation).all()
     assert torch.allclose(streamed.gaussian.mean, whole.gaussian.mean, atol=1e-5)
     with pytest.raises(TypeError, match="not a generator"):
         streamed.fit_statistics(image[None] for image in images)

@@ -1,87 +1,209 @@
-"""The alignment gate: keep the image-level alignment only for categories whose images it brings together."""
+"""Alignment gate of FocusDist: keep the image-level alignment only where scoring in its frame finds anomalies better.
+
+Textures have no canonical pose, and how far the image transformer moves the training images together (their
+ICA loss) does not say whether scoring in the aligned frame is better: a blurred, low-frequency texture can be
+zoomed and shifted towards a common blotch. The gate therefore asks the question itself, on training images only.
+After training, every ``HELD_BACK_EVERY``-th training image (at most ``MAX_HELD_BACK``) is held back, a Gaussian is
+fitted on the rest in the input frame and another in the aligned frame, and the held-back images are scored in both
+frames, as they are and with a synthetic anomaly (anomalib's Perlin-noise generator, unlike any test defect). The
+frame whose scores separate the two better (image AUROC plus pixel AUROC) is used in evaluation.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
+from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from torch import nn
+from torchmetrics.functional.classification import binary_auroc
 
-from .alignment import identity_theta, low_pass_copy
+from .alignment import identity_theta
+
+if TYPE_CHECKING:
+    from .gaussian import StreamingGaussian
+    from .torch_model import FocusDistModel
+
+logger = logging.getLogger(__name__)
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+HELD_BACK_EVERY = 5  # every fifth training image is held back to choose the frame (20 %)
+MAX_HELD_BACK = 32  # bounds the memory of the held-back images, independent of the training set's size
+MIN_HELD_BACK = 2  # fewer held-back images say nothing: keep the input frame
+PERLIN_SEED = 0
 
 
 class AlignmentGate(nn.Module):
-    """Keep the image-level alignment only for categories it aligns: textures have no canonical pose.
-
-    After training, one pass over the training images (without augmentation) measures how much the image
-    transformer brings them together: ``gain = 1 - spread(aligned) / spread(input)``, the spread being the ICA
-    loss, the squared deviation of the low-pass images from their mean. Objects whose pose varies come together,
-    textures do not; below ``min_gain`` the transformer is replaced by the identity in evaluation, so it cannot
-    add pose noise (and resampling blur) to images that were already as aligned as they can be.
-
-    Args:
-        min_gain (float): Smallest relative reduction of the spread for which the alignment is kept; ``0``
-            always keeps it.
+    """The decision whether evaluation uses the image transformer or the identity, with what it was based on.
 
     Example:
-        >>> gate = AlignmentGate(min_gain=0.2)
-        >>> images = torch.rand(4, 3, 64, 64)
-        >>> gate.update(images, images)  # an alignment that changes nothing
-        >>> gate.finalize()
-        >>> bool(gate.enabled), float(gate.gain)
-        (False, 0.0)
+        >>> gate = AlignmentGate()
+        >>> gate.decide(torch.tensor([1.6, 1.8]), images_held_back=30)
+        >>> bool(gate.enabled)
+        True
+        >>> gate(torch.zeros(1, 2, 3))[0]
+        tensor([[0., 0., 0.],
+                [0., 0., 0.]])
 
     """
 
-    def __init__(self, min_gain: float = 0.2) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.min_gain = min_gain
         self.register_buffer("enabled", torch.ones((), dtype=torch.bool))
-        self.register_buffer("gain", torch.full((), float("nan")))
+        self.register_buffer("separation", torch.full((2,), float("nan")))  # input frame, aligned frame
         self.enabled: torch.Tensor
-        self.gain: torch.Tensor
-        self.reset()
+        self.separation: torch.Tensor
 
-    def reset(self) -> None:
-        """Forget the running sums (the decision stays until :meth:`finalize`)."""
-        self.sums: dict[str, torch.Tensor] = {}
+    @contextmanager
+    def frame(self, aligned: bool) -> Iterator[None]:
+        """Evaluate in the given frame for the duration of the block, whatever was decided."""
+        decided = self.enabled.clone()
+        self.enabled.fill_(aligned)
+        try:
+            yield
+        finally:
+            self.enabled.copy_(decided)
 
-    def update(self, images: torch.Tensor, aligned: torch.Tensor) -> None:
-        """Add a batch of training images and their aligned copies to the running sums.
-
-        Args:
-            images (torch.Tensor): Input images, shape ``(B, 3, H, W)``.
-            aligned (torch.Tensor): The image transformer's output, shape ``(B, 3, H, W)``.
-
-        """
-        for name, batch in (("input", images), ("aligned", aligned)):
-            low_pass = low_pass_copy(batch.detach()).to(torch.float64)
-            for key, value in ((f"{name}_sum", low_pass.sum(0)), (f"{name}_squares", low_pass.pow(2).sum(0))):
-                self.sums[key] = self.sums[key] + value if key in self.sums else value
-        count = torch.tensor(float(images.shape[0]), dtype=torch.float64, device=images.device)
-        self.sums["count"] = self.sums["count"] + count if "count" in self.sums else count
-
-    def finalize(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """Decide from the running sums whether the alignment is kept.
+    def decide(self, separation: torch.Tensor | None, images_held_back: int) -> None:
+        """Keep the alignment if it separates the held-back images better than the input frame (ties: input frame).
 
         Args:
-            reduce (Callable | None): Sums a tensor over processes (distributed training); ``None`` in a single
-                process.
+            separation (torch.Tensor | None): Image plus pixel AUROC in the input and the aligned frame, ``(2,)``;
+                ``None`` when too few images could be held back.
+            images_held_back (int): How many training images the separation was measured on (for the log).
 
         """
-        if not self.sums:  # no image seen (the Gaussian's fit reports it): keep the current decision
+        if separation is None:
+            self.separation.fill_(float("nan"))
+            self.enabled.fill_(False)
+            logger.info(
+                "FocusDist: %d training image(s) could be held back, too few to tell whether the image alignment "
+                "helps (at least %d are needed, i.e. %d training images): the input frame is used.",
+                images_held_back,
+                MIN_HELD_BACK,
+                MIN_HELD_BACK * HELD_BACK_EVERY,
+            )
             return
-        sums = {key: reduce(value) if reduce is not None else value for key, value in sorted(self.sums.items())}
-        count = sums["count"]
-
-        def spread(name: str) -> torch.Tensor:
-            return (sums[f"{name}_squares"] - sums[f"{name}_sum"].pow(2) / count).clamp_min(0).sum()
-
-        gain = 1.0 - spread("aligned") / spread("input").clamp_min(1e-12)
-        self.gain.fill_(float(gain))
-        self.enabled.fill_(bool(gain >= self.min_gain or self.min_gain <= 0))
-        self.reset()
+        self.separation.copy_(separation)
+        self.enabled.fill_(bool(separation[1] > separation[0]))
+        logger.info(
+            "FocusDist: on %d held-back training images with synthetic anomalies, image + pixel AUROC is %.3f in the "
+            "input frame and %.3f in the aligned frame: %s.",
+            images_held_back,
+            float(separation[0]),
+            float(separation[1]),
+            "image alignment kept" if self.enabled else "input frame used",
+        )
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         """The transform when the alignment is kept, else the identity, shape ``(B, 2, 3)``."""
         return torch.where(self.enabled, theta, identity_theta(theta.shape[0], theta.device, theta.dtype))
+
+
+def held_back_mask(first_index: int, batch_size: int, already_held: int) -> torch.Tensor:
+    """Which images of a batch are held back: every ``HELD_BACK_EVERY``-th one, until ``MAX_HELD_BACK``.
+
+    Args:
+        first_index (int): Index of the batch's first image among all training images of this process.
+        batch_size (int): Images in the batch.
+        already_held (int): Images held back from earlier batches.
+
+    Returns:
+        torch.Tensor: Boolean mask, shape ``(B,)``.
+
+    """
+    mask = (torch.arange(first_index, first_index + batch_size) % HELD_BACK_EVERY) == 0
+    room = MAX_HELD_BACK - already_held
+    return mask & (mask.cumsum(0) <= room)
+
+
+def synthetic_anomalies(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add a Perlin-noise anomaly to every image, with a fixed seed so that the decision is reproducible.
+
+    Args:
+        images (torch.Tensor): Pre-processed images, shape ``(B, 3, H, W)``.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: Anomalous images ``(B, 3, H, W)`` and their masks ``(B, H, W)``.
+
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PERLIN_SEED)
+        anomalous, masks = PerlinAnomalyGenerator(probability=1.0)(images.cpu())
+    return anomalous.to(images.device, images.dtype), masks[:, 0].to(images.device) > 0.5
+
+
+def separation(
+    normal: tuple[torch.Tensor, torch.Tensor], anomalous: tuple[torch.Tensor, torch.Tensor], masks: torch.Tensor
+) -> torch.Tensor:
+    """Image AUROC plus pixel AUROC of scores and maps of normal and anomalous images.
+
+    Args:
+        normal (tuple[torch.Tensor, torch.Tensor]): Scores ``(B,)`` and maps ``(B, H, W)`` of the normal images.
+        anomalous (tuple[torch.Tensor, torch.Tensor]): Scores and maps of the anomalous images.
+        masks (torch.Tensor): Anomaly masks of the anomalous images, ``(B, H, W)``.
+
+    Returns:
+        torch.Tensor: The sum of both AUROCs, a scalar in ``[0, 2]``.
+
+    """
+    scores = torch.cat([normal[0], anomalous[0]])
+    labels = torch.cat([torch.zeros_like(normal[0]), torch.ones_like(anomalous[0])]).long()
+    pixels = torch.cat([normal[1].flatten(), anomalous[1].flatten()])
+    pixel_labels = torch.cat([torch.zeros_like(normal[1], dtype=torch.long).flatten(), masks.long().flatten()])
+    return binary_auroc(scores, labels) + binary_auroc(pixels, pixel_labels)
+
+
+def choose_frame(model: FocusDistModel, batches: Iterable[torch.Tensor], reduce: Reduce | None = None) -> None:
+    """Decide whether ``model`` scores in the aligned frame, on its training images (one pass over them).
+
+    Runs in evaluation mode without gradients (inside :meth:`FocusDistModel.fit_statistics`).
+
+    Args:
+        model (FocusDistModel): The trained model with an image transformer and a gate.
+        batches (Iterable[torch.Tensor]): Pre-processed training images without augmentation, ``(B, 3, H, W)``.
+        reduce (Callable | None): Sums a tensor over processes (distributed training); ``None`` in one process.
+
+    """
+    gate = model.alignment_gate
+    gaussians = {aligned: model.gaussian.fresh() for aligned in (False, True)}
+    held_back: list[torch.Tensor] = []
+    seen = held = 0
+    for images in batches:
+        mask = held_back_mask(seen, images.shape[0], held)
+        seen, held = seen + images.shape[0], held + int(mask.sum())
+        held_back.append(images[mask])
+        if not mask.all():
+            for aligned, gaussian in gaussians.items():
+                with gate.frame(aligned):
+                    gaussian.update(model.embed(images[~mask])[0])
+    # every process takes the same branch: the decision rests on counts summed over processes
+    counts = torch.tensor([held, seen - held, float(held == 0 or seen == held)], dtype=torch.float64)
+    counts = reduce(counts) if reduce is not None else counts
+    if counts[0] < MIN_HELD_BACK or counts[2] > 0:
+        gate.decide(None, int(counts[0]))
+        return
+    for gaussian in gaussians.values():
+        gaussian.finalize(reduce)
+    normal = torch.cat(held_back)
+    anomalous, masks = synthetic_anomalies(normal)
+    results = []
+    for aligned, gaussian in gaussians.items():
+        with gate.frame(aligned):
+            scored = [_score(model, gaussian, images) for images in (normal, anomalous)]
+        results.append(separation(*scored, masks) * held)
+    total = torch.stack(results).to(torch.float64)
+    total = reduce(total) if reduce is not None else total
+    gate.decide((total / counts[0]).float(), int(counts[0]))
+
+
+def _score(
+    model: FocusDistModel, gaussian: StreamingGaussian, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image scores ``(B,)`` and anomaly maps ``(B, H, W)`` of images under one frame's Gaussian."""
+    embedding, theta = model.embed(images)
+    anomaly_map = model.anomaly_map_generator(gaussian.mahalanobis(embedding), theta, images.shape[-2:])[:, 0]
+    return anomaly_map.amax(dim=(-2, -1)), anomaly_map

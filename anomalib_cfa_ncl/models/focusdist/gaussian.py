@@ -81,6 +81,11 @@ class StreamingGaussian(DynamicBufferMixin):
         self.precision_scale: torch.Tensor
         self.reset()
 
+    def fresh(self) -> StreamingGaussian:
+        """An unfitted Gaussian with the same settings, on the same device."""
+        dtype_name = next(name for name, dtype in STORAGE_DTYPES.items() if dtype == self.storage_dtype)
+        return StreamingGaussian(self.regularization, dtype_name, self.neighbourhood).to(self.mean.device)
+
     @property
     def is_fitted(self) -> bool:
         """Whether statistics have been fitted (or loaded)."""

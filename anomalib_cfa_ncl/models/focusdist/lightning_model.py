@@ -66,9 +66,9 @@ class FocusDist(ExportChecks, AnomalibModule):
         n_features (int | None): Channels kept for the Gaussian (a fixed random subset; ``None``: all); 176 keeps
             the statistics at 63 MB for a 256x256 input. Defaults to ``176``.
         image_alignment (bool): Image-level coarse alignment. Defaults to ``True``.
-        image_alignment_min_gain (float): After training the image alignment is kept only if it reduces the
-            training images' spread (their ICA loss) by at least this fraction; otherwise (textures, images
-            already aligned) the identity is used. ``0`` always keeps it. Defaults to ``0.2``.
+        image_alignment_gate (bool): After training, the image alignment is used only if it scores held-back
+            training images with synthetic anomalies better than the input frame (textures have no canonical pose;
+            the log says which frame was chosen). ``False`` always uses it. Defaults to ``True``.
         feature_alignment (bool): Feature-level coarse alignment. Defaults to ``True``.
         ncl (bool): Fine alignment by the non-contrastive loss (off: the backbone stays). Defaults to ``True``.
         pose_augmentation (bool): Random similarity transforms of the training images, so the image-level
@@ -109,7 +109,7 @@ class FocusDist(ExportChecks, AnomalibModule):
         backbone_weights: str | None = None,
         n_features: int | None = 176,
         image_alignment: bool = True,
-        image_alignment_min_gain: float = 0.2,
+        image_alignment_gate: bool = True,
         feature_alignment: bool = True,
         ncl: bool = True,
         pose_augmentation: bool = True,
@@ -141,7 +141,7 @@ class FocusDist(ExportChecks, AnomalibModule):
             backbone_weights=backbone_weights,
             n_features=n_features,
             image_alignment=image_alignment,
-            image_alignment_min_gain=image_alignment_min_gain,
+            image_alignment_gate=image_alignment_gate,
             feature_alignment=feature_alignment,
             ncl=ncl,
             map_stride=map_stride,
@@ -237,7 +237,6 @@ class FocusDist(ExportChecks, AnomalibModule):
         images = TrainingImages(statistics_dataloader(self.trainer), transform, self.device)
         self.model.fit_statistics(images, reduce)
         self._statistics_stale = False
-        log_alignment_gate(self.model)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> FocusDist:  # type: ignore[override]
@@ -281,15 +280,3 @@ def statistics_dataloader(trainer: Trainer) -> DataLoader:
     sampler = UnrepeatedDistributedSampler(loader.dataset, trainer.world_size, trainer.global_rank, shuffle=False)
     batch_size, workers = loader.batch_size or 1, loader.num_workers
     return DataLoader(loader.dataset, batch_size, sampler=sampler, num_workers=workers, collate_fn=loader.collate_fn)
-
-
-def log_alignment_gate(model: FocusDistModel) -> None:
-    """Say whether the statistics fit kept the image alignment, and why."""
-    gate = model.alignment_gate
-    if gate is not None:
-        logger.info(
-            "FocusDist: image alignment lowers the training images' spread by %.1f %% (kept from %.1f %%): %s.",
-            100 * gate.gain.item(),
-            100 * gate.min_gain,
-            "kept" if gate.enabled.item() else "identity used instead",
-        )

@@ -23,7 +23,7 @@ from torch import nn
 from .alignment import AlignedFeatures, SimilarityTransformer, compose_theta, feature_transformer, identity_theta, warp
 from .anomaly_map import AnomalyMapGenerator
 from .backbone import checked_images, create_feature_extractor, feature_module
-from .gate import AlignmentGate
+from .gate import AlignmentGate, choose_frame
 from .gaussian import StreamingGaussian, channel_subset
 from .loss import NCLHead, TrainingOutput, at_most_grid
 
@@ -50,8 +50,8 @@ class FocusDistModel(nn.Module):
         backbone_weights (str | None): Local weights file used instead of the download.
         n_features (int | None): Channels kept for the Gaussian (a fixed random subset); ``None`` keeps all.
         image_alignment (bool): Image-level coarse alignment (spatial transformer on the input).
-        image_alignment_min_gain (float): The image alignment is used in evaluation only if it reduces the spread
-            of the training images (their ICA loss) by at least this fraction, see :class:`AlignmentGate`.
+        image_alignment_gate (bool): Use the image alignment in evaluation only where it scores held-back training
+            images with synthetic anomalies better than the input frame (:mod:`.gate`); ``False`` always uses it.
         feature_alignment (bool): Feature-level coarse alignment (a transformer after each selected stage).
         ncl (bool): Fine alignment by the dense non-contrastive loss (fine-tunes the backbone).
         map_stride (int): Stride of the scoring grid relative to the input (8 gives 32x32 at 256x256).
@@ -80,7 +80,7 @@ class FocusDistModel(nn.Module):
         backbone_weights: str | None = None,
         n_features: int | None = 176,
         image_alignment: bool = True,
-        image_alignment_min_gain: float = 0.2,
+        image_alignment_gate: bool = True,
         feature_alignment: bool = True,
         ncl: bool = True,
         map_stride: int = 8,
@@ -103,7 +103,7 @@ class FocusDistModel(nn.Module):
         self.min_input_size = max(self.feature_extractor.feature_info.reduction())
 
         self.image_transformer = SimilarityTransformer(3) if image_alignment else None
-        self.alignment_gate = AlignmentGate(image_alignment_min_gain) if image_alignment else None
+        self.alignment_gate = AlignmentGate() if image_alignment and image_alignment_gate else None
         self.feature_transformers = _per_layer(layers, channels, feature_transformer) if feature_alignment else None
         self.ncl_heads = _per_layer(layers, channels, partial(NCLHead, projection_dim=projection_dim)) if ncl else None
         if self.feature_transformers is not None:  # FCA: a forward hook warps each selected stage's output
@@ -125,13 +125,11 @@ class FocusDistModel(nn.Module):
                 module.eval()
         return self
 
-    def align_images(self, images: torch.Tensor, gated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def align_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image-level coarse alignment.
 
         Args:
             images (torch.Tensor): Input images, shape ``(B, 3, H, W)``.
-            gated (bool): In evaluation, apply the :class:`AlignmentGate`'s decision; ``False`` gives the
-                transformer's own output, which the gate measures.
 
         Returns:
             tuple[torch.Tensor, torch.Tensor]: The aligned images ``(B, 3, H, W)`` and the transforms
@@ -141,7 +139,7 @@ class FocusDistModel(nn.Module):
         if self.image_transformer is None:
             return images, identity_theta(images.shape[0], images.device, images.dtype)
         theta = self.image_transformer(images)
-        if gated and not self.training and self.alignment_gate is not None:
+        if not self.training and self.alignment_gate is not None:  # the gate's decision (gate.py)
             theta = self.alignment_gate(theta)
         return warp(images, theta, padding_mode="reflection"), theta
 
@@ -211,11 +209,28 @@ class FocusDistModel(nn.Module):
         aligned = self.extract_features(images)
         return self.scoring_embedding(aligned, self.grid_size(images.shape[-2:])), aligned.total_theta()
 
+    def _training_output(self, images: torch.Tensor) -> TrainingOutput:
+        """What the losses need. Without NCL nothing trains through the features, so the backbone is not run."""
+        if self.ncl_heads is None:
+            aligned_images = None
+            if self.image_transformer is not None:
+                aligned_images = self.align_images(checked_images(images, self.min_input_size))[0]
+            return TrainingOutput(ncl_pairs={}, aligned_images=aligned_images)
+        aligned = self.extract_features(images)
+        grid = self.grid_size(images.shape[-2:])
+        pairs = {
+            layer: self.ncl_heads[_layer_key(layer)](at_most_grid(feature, grid))
+            for layer, feature in zip(self.layers, aligned.features, strict=True)
+        }
+        images_out = aligned.aligned_images if self.image_transformer is not None else None
+        return TrainingOutput(ncl_pairs=pairs, aligned_images=images_out)
+
     def fit_statistics(self, batches: Iterable[torch.Tensor], reduce: Reduce | None = None) -> None:
         """Fit what scoring needs from the training images: the alignment gate's decision, then the Gaussian.
 
-        Two passes over ``batches``: the gate measures the image alignment, and the Gaussian is fitted in the
-        frame the gate chose. Runs in evaluation mode without gradients and restores the training mode.
+        With the gate, two passes over ``batches``: the gate compares the input and the aligned frame on held-back
+        images (:func:`.gate.choose_frame`), and the Gaussian is fitted on all images in the frame it chose.
+        Runs in evaluation mode without gradients and restores the training mode.
 
         Args:
             batches (Iterable[torch.Tensor]): Pre-processed training images without augmentation, ``(B, 3, H, W)``
@@ -235,14 +250,8 @@ class FocusDistModel(nn.Module):
         self.eval()
         # not in inference mode: the fitted buffers must stay ordinary tensors that later training can update
         with torch.inference_mode(False), torch.no_grad():
-            gate = self.alignment_gate
-            if gate is not None:
-                gate.reset()
-                for images in batches:
-                    images = checked_images(images, self.min_input_size)
-                    gate.update(images, self.align_images(images, gated=False)[0])
-                _check_every_process_saw_images(bool(gate.sums), reduce)
-                gate.finalize(reduce)
+            if self.alignment_gate is not None:
+                choose_frame(self, batches, reduce)
             self.gaussian.reset()
             for images in batches:
                 self.gaussian.update(self.embed(images)[0])
@@ -262,16 +271,7 @@ class FocusDistModel(nn.Module):
 
         """
         if self.training:
-            aligned = self.extract_features(images)
-            pairs = {}
-            if self.ncl_heads is not None:
-                grid = self.grid_size(images.shape[-2:])
-                pairs = {
-                    layer: self.ncl_heads[_layer_key(layer)](at_most_grid(feature, grid))
-                    for layer, feature in zip(self.layers, aligned.features, strict=True)
-                }
-            images_out = aligned.aligned_images if self.image_transformer is not None else None
-            return TrainingOutput(ncl_pairs=pairs, aligned_images=images_out)
+            return self._training_output(images)
 
         if not self.gaussian.is_fitted:
             msg = "FocusDist has no fitted statistics yet: train it (engine.fit) or load a trained checkpoint first."

@@ -1,0 +1,103 @@
+"""The alignment gate: scoring frame chosen on held-back training images with synthetic anomalies."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from skimage import data as skimage_data
+from torch import nn
+
+from anomalib_cfa_ncl import FocusDistModel
+from anomalib_cfa_ncl.models.focusdist.alignment import similarity_theta, warp
+from anomalib_cfa_ncl.models.focusdist.gate import MAX_HELD_BACK, held_back_mask
+
+SIZE = 64
+
+
+def _photo() -> torch.Tensor:
+    photo = torch.from_numpy(skimage_data.astronaut().astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    return F.interpolate(photo, size=(SIZE, SIZE), mode="area")
+
+
+class KnownPoses(nn.Module):
+    """Stands in for a trained image transformer: returns the transform of the nearest known image."""
+
+    def __init__(self, images: torch.Tensor, thetas: torch.Tensor) -> None:
+        super().__init__()
+        self.images, self.thetas = images, thetas
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        distances = torch.cdist(images.flatten(1), self.images.flatten(1))
+        return self.thetas[distances.argmin(dim=1)]
+
+
+def _model_with_poses(images: torch.Tensor, thetas: torch.Tensor) -> FocusDistModel:
+    torch.manual_seed(0)
+    model = FocusDistModel(backbone="resnet18", pre_trained=False, feature_alignment=False, ncl=False, n_features=64)
+    model.image_transformer = KnownPoses(images, thetas)
+    return model
+
+
+def _posed(count: int, strength: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of one photo under random similarity poses, and the transforms that undo them."""
+    generator = torch.Generator().manual_seed(seed)
+    params = strength * torch.randn(count, 4, generator=generator)
+    poses = similarity_theta(params, math.pi / 4, math.log(1.25), 0.5)
+    images = warp(_photo().expand(count, -1, -1, -1), poses, padding_mode="reflection")
+    # the transform that undoes a pose: warping by its inverse maps the posed image back onto the photo
+    linear = torch.linalg.inv(poses[:, :, :2])
+    undo = torch.cat([linear, -(linear @ poses[:, :, 2:])], dim=2)
+    return images, undo
+
+
+def test_held_back_images_are_every_fifth_and_bounded() -> None:
+    first = held_back_mask(0, 12, already_held=0)
+    assert first.nonzero().flatten().tolist() == [0, 5, 10]
+    assert held_back_mask(12, 8, already_held=3).nonzero().flatten().tolist() == [3]  # image 15
+    assert int(held_back_mask(0, 10 * MAX_HELD_BACK, already_held=MAX_HELD_BACK - 1).sum()) == 1
+
+
+def test_gate_keeps_an_alignment_that_undoes_the_poses() -> None:
+    images, undo = _posed(30, strength=0.6)
+    model = _model_with_poses(images, undo)
+    model.fit_statistics([images])
+    separation_input, separation_aligned = model.alignment_gate.separation.tolist()
+    assert separation_aligned > separation_input
+    assert bool(model.alignment_gate.enabled)
+
+
+def test_gate_drops_an_alignment_that_scrambles_aligned_images() -> None:
+    """Images already in one pose: a transformer that moves each differently only blurs the statistics."""
+    images = _photo().expand(30, -1, -1, -1) + 0.01 * torch.randn(30, 3, SIZE, SIZE)
+    generator = torch.Generator().manual_seed(1)
+    scramble = similarity_theta(0.6 * torch.randn(30, 4, generator=generator), math.pi / 4, math.log(1.25), 0.5)
+    model = _model_with_poses(images, scramble)
+    model.fit_statistics([images])
+    separation_input, separation_aligned = model.alignment_gate.separation.tolist()
+    assert separation_input > separation_aligned
+    assert not bool(model.alignment_gate.enabled)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.align_images(images[:2])[0], images[:2])  # evaluation uses the input frame
+
+
+def test_gate_keeps_the_input_frame_and_says_why_without_enough_images(caplog) -> None:
+    images, undo = _posed(4, strength=0.6)
+    model = _model_with_poses(images, undo)
+    with caplog.at_level(logging.INFO):
+        model.fit_statistics([images])
+    assert not bool(model.alignment_gate.enabled)
+    assert torch.isnan(model.alignment_gate.separation).all()
+    assert "too few to tell whether the image alignment helps" in caplog.text
+
+
+def test_gate_keeps_the_input_frame_for_identical_images() -> None:
+    """Nothing to align: both frames score alike, and a tie keeps the input frame."""
+    images = _photo().expand(20, -1, -1, -1).clone()
+    model = _model_with_poses(images, similarity_theta(torch.zeros(20, 4), math.pi / 4, math.log(1.25), 0.5))
+    model.fit_statistics([images])
+    assert not bool(model.alignment_gate.enabled)
