@@ -137,6 +137,10 @@ def run(name: str, category: str, args: argparse.Namespace) -> dict:
         "fit_s": fit_seconds,
         "test_img_s": n_test / test_seconds,
     }
+    gate = model.model.alignment_gate if focusdist else None
+    if gate is not None:  # which frame the alignment gate chose, on the training images alone
+        result["alignment_kept"] = bool(gate.enabled)
+        result["gate_separation"] = gate.separation.tolist()
     if curve:
         result["curve"] = curve.rows
     return result

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.deploy import CompressionType, ExportType
-from builders import build_model
+from builders import DEFAULT_BACKBONE, LAYERS, build_model
 from export_common import (
     Variant,
     argument_parser,
@@ -47,6 +47,7 @@ from export_common import (
 )
 
 from anomalib_cfa_ncl import FocusDist
+from anomalib_cfa_ncl.models.focusdist.backbone import create_feature_extractor
 
 MODELS = ["FocusDist", "Padim", "Patchcore"]
 SIZE = 256
@@ -133,6 +134,8 @@ def benchmark_model(name: str, data, calibration, args) -> list[dict]:
     print(json.dumps(rows[0]), flush=True)
     exported: dict[str, Path] = {}
     for variant in FORMS + (FOCUSDIST_ONLY if isinstance(model, FocusDist) else []):
+        if args.forms and variant.name not in args.forms:
+            continue
         if variant.folder not in exported:
             exported[variant.folder] = export(engine, model, checkpoint, variant, args.out / name, calibration)
         run, precision, fixed_batch = runner(variant, exported[variant.folder], args.threads)
@@ -143,6 +146,24 @@ def benchmark_model(name: str, data, calibration, args) -> list[dict]:
         rows[-1].update(measure(run, single, batch, args, fixed_batch))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def benchmark_backbone(args) -> dict:
+    """The feature extractor alone (``features_only``, FocusDist's layers) as an OpenVINO FP32 IR: the floor that
+    every model built on this backbone pays, to compare the scoring's cost with."""
+    import openvino as ov
+
+    backbone = create_feature_extractor(DEFAULT_BACKBONE, LAYERS[DEFAULT_BACKBONE], pre_trained=False).eval()
+    example = torch.rand(args.batch, 3, SIZE, SIZE)
+    path = args.out / "backbone" / "backbone.xml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(ov.convert_model(backbone, example_input=example), str(path))
+    compiled = compile_openvino(path, {"INFERENCE_PRECISION_HINT": "f32"}, args.threads)
+    single, batch = (np.random.default_rng(0).random((n, 3, SIZE, SIZE), dtype=np.float32) for n in (1, args.batch))
+    row = {"model": f"{DEFAULT_BACKBONE} features only", "runtime": "OpenVINO FP32", "precision": "f32"}
+    row.update(measure(openvino_runner(compiled), single, batch, args))
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def cpu_name() -> str:
@@ -191,6 +212,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=10, help="timed calls at --batch per form")
+    parser.add_argument("--forms", nargs="+", help="only these exported forms (e.g. 'OpenVINO FP32'); default: all")
+    parser.add_argument("--no-backbone", action="store_true", help="skip the row of the feature extractor alone")
     args = parse(parser)
     torch.set_num_threads(args.threads)
     data, calibration = test_and_calibration_data(args)
@@ -199,6 +222,8 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows += benchmark_model(name, data, calibration, args)
+    if not args.no_backbone:
+        rows.append(benchmark_backbone(args))
     for row in rows:
         row["batch"] = args.batch
     load_after = os.getloadavg()
