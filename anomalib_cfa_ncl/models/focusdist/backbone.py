@@ -12,9 +12,12 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models._features import FeatureGetterNet
 from torch import nn
 
 INPUT_LIMIT = 1e3  # normalised images lie within about +-3; clamping far outside keeps every score finite
+HUB_PROBE_TIMEOUT = 3.0  # seconds; the hub client itself retries a dead connection for about 47 s
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for in a hub repository
 
 
 def _unknown_backbone_message(backbone: str) -> str:
@@ -44,6 +47,12 @@ def layer_indices(backbone: str, layers: list[str]) -> list[int]:
         msg = "FocusDist needs at least one feature layer: pass layers=[...] (e.g. ['layer1', 'layer2', 'layer3'])."
         raise ValueError(msg)
     probe = timm.create_model(backbone, pretrained=False, features_only=True)
+    if isinstance(probe, FeatureGetterNet):
+        msg = (
+            f"Backbone {backbone!r} gives token features (a vision transformer): FocusDist needs a backbone with "
+            "feature maps, e.g. a CNN such as 'resnet18', 'wide_resnet50_2' or 'efficientnet_b0'."
+        )
+        raise ValueError(msg)
     names = [info["module"] for info in probe.feature_info.info]
     unknown = [layer for layer in layers if layer not in names]
     if unknown:
@@ -102,6 +111,36 @@ def read_backbone_weights(path: str | Path, backbone: str, indices: list[int]) -
     return state
 
 
+def _unreachable_hub_message(backbone: str, error: Exception) -> str:
+    reason = str(error).splitlines()[0] if str(error) else "no answer"
+    return (
+        f"Could not fetch ImageNet weights for {backbone!r} ({type(error).__name__}: {reason}). Without internet, "
+        "pass backbone_weights=<path to a .safetensors or .pth file of this backbone>, or pre_trained=False."
+    )
+
+
+def check_hub_reachable(backbone: str) -> None:
+    """Fail within seconds when ImageNet weights must come from an unreachable hub (not after a minute of retries).
+
+    Weights already in the local hub cache, and the hub's offline mode (which fails at once), need no probe.
+
+    Raises:
+        RuntimeError: If the weights are not cached and the hub does not answer within ``HUB_PROBE_TIMEOUT``.
+
+    """
+    from huggingface_hub import constants, get_session, try_to_load_from_cache
+
+    repo = getattr(timm.models.get_pretrained_cfg(backbone), "hf_hub_id", None)
+    if not repo or constants.HF_HUB_OFFLINE:
+        return
+    if any(isinstance(try_to_load_from_cache(repo, name), str) for name in HUB_WEIGHT_FILES):
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT)
+    except Exception as error:
+        raise RuntimeError(_unreachable_hub_message(backbone, error)) from error
+
+
 def create_feature_extractor(
     backbone: str,
     layers: list[str],
@@ -113,8 +152,9 @@ def create_feature_extractor(
     Args:
         backbone (str): timm model name.
         layers (list[str]): Feature layer names, shallow to deep.
-        pre_trained (bool): Start from ImageNet weights.
-        backbone_weights (str | None): Local weights file; when given it is used instead of the download.
+        pre_trained (bool): Start from ImageNet weights (downloaded unless ``backbone_weights`` is given).
+        backbone_weights (str | None): Local weights file; when given it is always loaded, whatever
+            ``pre_trained`` says (a file named on purpose is never ignored).
 
     Returns:
         nn.Module: The feature model; ``model.feature_info`` describes the selected layers.
@@ -124,20 +164,19 @@ def create_feature_extractor(
 
     """
     indices = layer_indices(backbone, layers)
-    local = pre_trained and backbone_weights is not None
+    local = backbone_weights is not None
     overlay = {"state_dict": read_backbone_weights(backbone_weights, backbone, indices)} if local else None
+    if pre_trained and not local:
+        check_hub_reachable(backbone)
     try:
         return timm.create_model(
-            backbone, pretrained=pre_trained, pretrained_cfg_overlay=overlay, features_only=True, out_indices=indices
-        )
+            backbone, pretrained=pre_trained or local, pretrained_cfg_overlay=overlay, features_only=True,
+            out_indices=indices,
+        )  # fmt: skip
     except Exception as error:
         if not pre_trained or local:
             raise
-        msg = (
-            f"Could not fetch ImageNet weights for {backbone!r} ({type(error).__name__}: {error}). Without internet, "
-            "pass backbone_weights=<path to a .safetensors or .pth file of this backbone>, or pre_trained=False."
-        )
-        raise RuntimeError(msg) from error
+        raise RuntimeError(_unreachable_hub_message(backbone, error)) from error
 
 
 def feature_module(model: nn.Module, layer: str) -> nn.Module:

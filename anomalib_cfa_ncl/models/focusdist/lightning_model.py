@@ -248,6 +248,7 @@ class FocusDist(ExportChecks, AnomalibModule):
         :meth:`AnomalibModule.load_from_checkpoint`'s (e.g. ``map_location="cpu"``).
         """
         kwargs.setdefault("pre_trained", False)
+        kwargs.setdefault("backbone_weights", None)
         return super().load_from_checkpoint(checkpoint_file(checkpoint_path), *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
