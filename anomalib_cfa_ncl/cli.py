@@ -123,13 +123,41 @@ def seed_from_config(config: Any) -> int | None:
     return seed_everything(seed, workers=True)
 
 
+def set_default_epochs(cli: Any) -> int | None:
+    """Give a FocusDist run without ``max_epochs`` or ``max_steps`` FocusDist's own number of epochs.
+
+    Set before Lightning's ``Trainer`` exists, so Lightning never announces its fallback of 1000 epochs; only a
+    training subcommand says how many epochs it trains.
+
+    Args:
+        cli (Any): The ``AnomalibCLI`` after instantiating its classes.
+
+    Returns:
+        int | None: The epochs set, or ``None`` when the run is not FocusDist's or the user gave a length.
+
+    """
+    from anomalib_cfa_ncl import FocusDist
+
+    model, engine = getattr(cli, "model", None), getattr(cli, "engine", None)
+    if not isinstance(model, FocusDist) or engine is None:
+        return None
+    args = engine._cache.args  # the Trainer's arguments; anomalib builds the Trainer from them when it runs
+    if args.get("max_epochs") is not None or args.get("max_steps", -1) not in {-1, None}:
+        return None
+    args["max_epochs"] = model.default_max_epochs()
+    if cli.subcommand in {"fit", "train"}:
+        logger.info("FocusDist: no --trainer.max_epochs given: training %d epochs.", args["max_epochs"])
+    return args["max_epochs"]
+
+
 def _seeded(instantiate_classes: Any) -> Any:
-    """Wrap ``AnomalibCLI.instantiate_classes`` so the seed is applied before models and data are built."""
+    """Wrap ``AnomalibCLI.instantiate_classes``: the seed before models and data are built, FocusDist's epochs after."""
 
     @functools.wraps(instantiate_classes)
     def wrapper(self: Any) -> None:
         seed_from_config(self.config)
         instantiate_classes(self)
+        set_default_epochs(self)
 
     wrapper.focusdist = True  # type: ignore[attr-defined]
     return wrapper

@@ -60,3 +60,63 @@ def test_unreachable_hub_fails_without_retries(tmp_path: Path) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("RuntimeError: Could not fetch ImageNet weights for 'resnet18'")
     assert "backbone_weights=" in last
+
+
+def test_cli_without_max_epochs_announces_only_focusdist_epochs(
+    tiny_dataset_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lightning used to say "`max_epochs` was not set. Setting it to 1000 epochs." and FocusDist "training 5"."""
+    import warnings
+
+    from anomalib.cli import AnomalibCLI
+
+    from .test_cli import TINY_MODEL, mvtec_args
+
+    with caplog.at_level("INFO"):
+        cli = AnomalibCLI(["fit", *TINY_MODEL, *mvtec_args(tiny_dataset_root)], run=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.engine._setup_trainer(cli.model)
+    assert not [warning for warning in caught if "max_epochs" in str(warning.message)]
+    assert cli.engine.trainer.max_epochs == cli.model.default_max_epochs()
+    epochs = [record.getMessage() for record in caplog.records if "epochs" in record.getMessage()]
+    assert epochs == [f"FocusDist: no --trainer.max_epochs given: training {cli.model.default_max_epochs()} epochs."]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        ({"map_stride": 0}, "map_stride must be a whole number >= 1"),
+        ({"map_stride": 1000}, "map_stride=1000 gives a 0x0 scoring grid at 64x64 input"),
+        ({"regularization": -1.0}, "regularization must be >= 0"),
+    ],
+    ids=["stride-0", "stride-1000", "negative-ridge"],
+)
+def test_constructor_numbers_are_checked_before_training(
+    arguments: dict, fragment: str, tiny_dataset_root: Path, tmp_path: Path
+) -> None:
+    from .helpers import tiny_datamodule, tiny_engine, tiny_model
+
+    with pytest.raises(ValueError, match=fragment) as error:
+        tiny_engine(tmp_path).fit(tiny_model(**arguments), datamodule=tiny_datamodule(tiny_dataset_root))
+    _one_line(error)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_more_features_than_channels_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    from anomalib_cfa_ncl import FocusDistModel
+
+    with caplog.at_level("WARNING"):
+        model = FocusDistModel(backbone="resnet18", pre_trained=False, n_features=5000)
+    assert model.feature_index.numel() == 448
+    (warning,) = [record.getMessage() for record in caplog.records if "n_features" in record.getMessage()]
+    assert warning.startswith("FocusDist: n_features=5000 is more than the 448 channels of 'resnet18'")
+
+
+def test_too_small_scoring_grid_is_refused_by_the_torch_model() -> None:
+    from anomalib_cfa_ncl import FocusDistModel
+
+    model = FocusDistModel(backbone="resnet18", pre_trained=False, n_features=32, map_stride=32)
+    with pytest.raises(ValueError, match="map_stride=32 gives a 2x2 scoring grid at 64x64 input") as error:
+        model(torch.rand(1, 3, 64, 64))
+    _one_line(error)

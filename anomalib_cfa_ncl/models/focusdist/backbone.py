@@ -15,6 +15,8 @@ import torch
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
+from .arguments import check_scoring_grid
+
 INPUT_LIMIT = 1e3  # normalised images lie within about +-3; clamping far outside keeps every score finite
 HUB_PROBE_TIMEOUT = 3.0  # seconds; the hub client itself retries a dead connection for about 47 s
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for in a hub repository
@@ -185,12 +187,13 @@ def feature_module(model: nn.Module, layer: str) -> nn.Module:
     return modules.get(layer) or modules[layer.replace(".", "_")]
 
 
-def checked_images(images: torch.Tensor, min_size: int) -> torch.Tensor:
+def checked_images(images: torch.Tensor, min_size: int, map_stride: int | None = None) -> torch.Tensor:
     """Raise a one-line error, with the fix, for a batch the backbone cannot take; clamp far-out values.
 
     Args:
         images (torch.Tensor): Input images, expected shape ``(B, 3, H, W)`` with ``H, W >= min_size``.
         min_size (int): The backbone's largest stride.
+        map_stride (int | None): Stride of the scoring grid, to check that the grid is large enough.
 
     Returns:
         torch.Tensor: The images, clamped to ``+-INPUT_LIMIT``.
@@ -208,6 +211,8 @@ def checked_images(images: torch.Tensor, min_size: int) -> torch.Tensor:
             f"resize images to at least {min_size}x{min_size} (the default pre-processor resizes to 256)."
         )
         raise ValueError(msg)
+    if map_stride is not None:
+        check_scoring_grid(images.shape[-2:], map_stride)
     if not torch.compiler.is_exporting() and not torch.isfinite(images).all():
         msg = (
             "The image batch contains NaN or Inf values: check the image files and the pre-processing "

@@ -22,6 +22,7 @@ from torch import nn
 
 from .alignment import AlignedFeatures, SimilarityTransformer, compose_theta, feature_transformer, identity_theta, warp
 from .anomaly_map import AnomalyMapGenerator
+from .arguments import check_model_arguments
 from .backbone import checked_images, create_feature_extractor, feature_module
 from .gate import AlignmentGate
 from .gaussian import StreamingGaussian, channel_subset
@@ -100,6 +101,7 @@ class FocusDistModel(nn.Module):
         # channels-last: on CPU, depthwise convolutions' input gradients are up to 100x faster in this layout
         self.feature_extractor.to(memory_format=torch.channels_last)
         channels = self.feature_extractor.feature_info.channels()
+        check_model_arguments(backbone, map_stride, regularization, n_features, sum(channels))
         self.min_input_size = max(self.feature_extractor.feature_info.reduction())
 
         self.image_transformer = SimilarityTransformer(3) if image_alignment else None
@@ -155,7 +157,7 @@ class FocusDistModel(nn.Module):
             AlignedFeatures: The features of every layer and the transforms that produced them.
 
         """
-        aligned, image_theta = self.align_images(checked_images(images, self.min_input_size))
+        aligned, image_theta = self.align_images(checked_images(images, self.min_input_size, self.map_stride))
         # Feature-level alignment runs inside this call: a forward hook on each selected stage warps the stage's
         # output before the next stage consumes it (timm backbones share no stage-by-stage interface, so hooks
         # keep every one of them working). Each transformer keeps the transform it applied, collected below.
