@@ -190,18 +190,23 @@ def write_predictions(predictions: Any, path: Path) -> int:
 
 
 def _run_focusdist_subcommand(run_subcommand: Any) -> Any:
-    """Wrap ``AnomalibCLI._run_subcommand``: a quiet opset-18 export and a reported prediction for FocusDist."""
+    """Wrap ``AnomalibCLI._run_subcommand`` for FocusDist: checkpoint checked first, quiet export, reported scores."""
 
     @functools.wraps(run_subcommand)
     def wrapper(self: Any) -> None:
         from anomalib_cfa_ncl import FocusDist
+        from anomalib_cfa_ncl.models.focusdist.checkpoint import check_checkpoint_to_load
         from anomalib_cfa_ncl.onnx_export import onnx_export_kwargs, quiet_onnx_export
 
-        if self.subcommand not in {"export", "predict"} or not isinstance(getattr(self, "model", None), FocusDist):
+        if not isinstance(getattr(self, "model", None), FocusDist) or getattr(self, "engine", None) is None:
             run_subcommand(self)
             return
         run = getattr(self.engine, self.subcommand)
         kwargs = self._prepare_subcommand_kwargs(self.subcommand)
+        check_checkpoint_to_load(kwargs.get("ckpt_path"))  # before Lightning's torch.load: ~190 lines of trace
+        if self.subcommand not in {"export", "predict"}:
+            run(**kwargs)
+            return
         if self.subcommand == "export":
             kwargs["onnx_kwargs"] = onnx_export_kwargs(kwargs.get("onnx_kwargs"))
             with quiet_onnx_export():

@@ -120,3 +120,35 @@ def test_too_small_scoring_grid_is_refused_by_the_torch_model() -> None:
     with pytest.raises(ValueError, match="map_stride=32 gives a 2x2 scoring grid at 64x64 input") as error:
         model(torch.rand(1, 3, 64, 64))
     _one_line(error)
+
+
+class _RunsCode:
+    """A pickle that runs a command when loaded (what a malicious checkpoint does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "kind"),
+    [("test", "corrupted"), ("predict", "malicious"), ("train", "corrupted"), ("train", "malicious")],
+)
+def test_bad_checkpoint_through_the_cli_is_one_line(
+    subcommand: str, kind: str, tiny_dataset_root: Path, tmp_path: Path
+) -> None:
+    from .test_cli import TINY_MODEL, assert_one_line_error, mvtec_args, run_anomalib
+
+    path = tmp_path / "model.ckpt"
+    marker = tmp_path / "pwned"
+    if kind == "corrupted":
+        path.write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+    else:
+        torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, path)
+    result = run_anomalib(
+        subcommand, *TINY_MODEL, *mvtec_args(tiny_dataset_root), "--ckpt_path", str(path), cwd=tmp_path
+    )
+    assert_one_line_error(result, str(path), "corrupted" if kind == "corrupted" else "could run code")
+    assert not marker.exists()

@@ -177,12 +177,10 @@ class FocusDist(ExportChecks, AnomalibModule):
         return DEFAULT_MAX_EPOCHS
 
     def setup(self, stage: str) -> None:
-        """Check the scoring grid at the pre-processor's size; bound training when no length was given."""
+        """Before any work: check the scoring grid at the pre-processor's size; bound training without a length."""
         check_input_grid(self.model, self.pre_processor)
         trainer = self._trainer
-        fallback = (
-            trainer is not None and trainer.max_steps == -1 and trainer.max_epochs == LIGHTNING_FALLBACK_MAX_EPOCHS
-        )
+        fallback = trainer and trainer.max_steps == -1 and trainer.max_epochs == LIGHTNING_FALLBACK_MAX_EPOCHS
         if stage == "fit" and fallback:  # the Python API without max_epochs (the CLI sets them before Lightning)
             logger.info("FocusDist: no max_epochs given: training %d epochs.", self.default_max_epochs())
             trainer.fit_loop.max_epochs = self.default_max_epochs()
@@ -247,11 +245,10 @@ class FocusDist(ExportChecks, AnomalibModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> FocusDist:  # type: ignore[override]
-        """Load a FocusDist checkpoint, with a one-line error for a missing or corrupted file.
+        """Load a FocusDist checkpoint, with a one-line error for a missing, corrupted or unsafe file.
 
-        ``pre_trained`` defaults to ``False``: the checkpoint holds every weight, so neither the ImageNet download
-        nor the training machine's ``backbone_weights`` file is needed (e.g. offline). Other arguments are
-        :meth:`AnomalibModule.load_from_checkpoint`'s (e.g. ``map_location="cpu"``).
+        ``pre_trained`` defaults to ``False`` and ``backbone_weights`` to ``None``: the checkpoint holds every weight
+        (no download, no weights file needed). Other arguments are :meth:`AnomalibModule.load_from_checkpoint`'s.
         """
         kwargs.setdefault("pre_trained", False)
         kwargs.setdefault("backbone_weights", None)
