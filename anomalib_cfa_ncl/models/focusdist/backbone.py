@@ -8,14 +8,18 @@ leaving layers randomly initialised.
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 
 import timm
 import torch
+from anomalib.data import InferenceBatch
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
 from .arguments import check_scoring_grid
+
+logger = logging.getLogger(__name__)
 
 INPUT_LIMIT = 1e3  # normalised images lie within about +-3; clamping far outside keeps every score finite
 HUB_PROBE_TIMEOUT = 3.0  # seconds; the hub client itself retries a dead connection for about 47 s
@@ -220,3 +224,51 @@ def checked_images(images: torch.Tensor, min_size: int, map_stride: int | None =
         )
         raise ValueError(msg)
     return images.clamp(-INPUT_LIMIT, INPUT_LIMIT)
+
+
+class NonFiniteImages:
+    """In evaluation, an image with NaN or infinite pixels scores as fully anomalous, alone; training refuses it.
+
+    The images of a batch are scored independently, so one broken image (a camera fault, a corrupt file) must
+    neither pass as normal nor change its neighbours' scores. A forward pre-hook zeroes the non-finite pixels (the
+    other images and the computation stay finite) and remembers which images had them; a forward hook then sets
+    those images' score and every map pixel to ``+inf``, which anomalib's post-processor turns into score 1.0,
+    label anomalous and a full mask. Both hooks are traced into the exported graph.
+    """
+
+    def __init__(self) -> None:
+        self.broken: torch.Tensor | None = None
+
+    def attach(self, model: nn.Module) -> None:
+        """Register the two hooks on ``model`` (a :class:`~.torch_model.FocusDistModel`)."""
+        model.register_forward_pre_hook(self.zero_non_finite_pixels)
+        model.register_forward_hook(self.score_broken_images_as_anomalous)
+
+    def zero_non_finite_pixels(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Evaluation: zero the non-finite pixels of the batch ``args[0]`` ``(B, 3, H, W)``, remembering the images."""
+        if module.training:
+            return None
+        images = args[0]
+        finite = torch.isfinite(images)
+        self.broken = ~finite.flatten(1).all(dim=1)
+        if not torch.compiler.is_exporting() and bool(self.broken.any()):
+            logger.warning(
+                "FocusDist: %d of %d images have NaN or infinite pixel values: scored as fully anomalous; check the "
+                "image files and the pre-processing (e.g. a Normalize with a zero std).",
+                int(self.broken.sum()),
+                len(images),
+            )
+        return (torch.where(finite, images, torch.zeros_like(images)), *args[1:])
+
+    def score_broken_images_as_anomalous(self, module: nn.Module, args: tuple, output: object) -> object:
+        """Evaluation: ``+inf`` score and map for the remembered images; the others' output stays as it is."""
+        del args
+        broken, self.broken = self.broken, None
+        if module.training or broken is None or not isinstance(output, InferenceBatch):
+            return None
+        infinite = torch.full_like(output.pred_score, float("inf"))
+        return output._replace(
+            pred_score=torch.where(broken, infinite, output.pred_score),
+            anomaly_map=torch.where(broken.view(-1, 1, 1, 1), torch.full_like(output.anomaly_map, float("inf")),
+                                    output.anomaly_map),
+        )  # fmt: skip

@@ -23,7 +23,7 @@ from torch import nn
 from .alignment import AlignedFeatures, SimilarityTransformer, compose_theta, feature_transformer, identity_theta, warp
 from .anomaly_map import AnomalyMapGenerator
 from .arguments import check_model_arguments
-from .backbone import checked_images, create_feature_extractor, feature_module
+from .backbone import NonFiniteImages, checked_images, create_feature_extractor, feature_module
 from .gate import AlignmentGate
 from .gaussian import StreamingGaussian, channel_subset
 from .loss import NCLHead, TrainingOutput, at_most_grid
@@ -116,6 +116,7 @@ class FocusDistModel(nn.Module):
         self.feature_index: torch.Tensor
         self.gaussian = StreamingGaussian(regularization, statistics_dtype, statistics_neighbourhood)
         self.anomaly_map_generator = AnomalyMapGenerator(blur_sigma)
+        NonFiniteImages().attach(self)  # evaluation: an image with NaN/Inf pixels scores as anomalous, alone
         # Lightning 2.6 starts fitting in whatever mode the modules are in, so freeze BatchNorm now, not on .train()
         self.train()
 
