@@ -123,13 +123,41 @@ def seed_from_config(config: Any) -> int | None:
     return seed_everything(seed, workers=True)
 
 
+def set_default_epochs(cli: Any) -> int | None:
+    """Give a FocusDist run without ``max_epochs`` or ``max_steps`` FocusDist's own number of epochs.
+
+    Set before Lightning's ``Trainer`` exists, so Lightning never announces its fallback of 1000 epochs; only a
+    training subcommand says how many epochs it trains.
+
+    Args:
+        cli (Any): The ``AnomalibCLI`` after instantiating its classes.
+
+    Returns:
+        int | None: The epochs set, or ``None`` when the run is not FocusDist's or the user gave a length.
+
+    """
+    from anomalib_cfa_ncl import FocusDist
+
+    model, engine = getattr(cli, "model", None), getattr(cli, "engine", None)
+    if not isinstance(model, FocusDist) or engine is None:
+        return None
+    args = engine._cache.args  # the Trainer's arguments; anomalib builds the Trainer from them when it runs
+    if args.get("max_epochs") is not None or args.get("max_steps", -1) not in {-1, None}:
+        return None
+    args["max_epochs"] = model.default_max_epochs()
+    if cli.subcommand in {"fit", "train"}:
+        logger.info("FocusDist: no --trainer.max_epochs given: training %d epochs.", args["max_epochs"])
+    return args["max_epochs"]
+
+
 def _seeded(instantiate_classes: Any) -> Any:
-    """Wrap ``AnomalibCLI.instantiate_classes`` so the seed is applied before models and data are built."""
+    """Wrap ``AnomalibCLI.instantiate_classes``: the seed before models and data are built, FocusDist's epochs after."""
 
     @functools.wraps(instantiate_classes)
     def wrapper(self: Any) -> None:
         seed_from_config(self.config)
         instantiate_classes(self)
+        set_default_epochs(self)
 
     wrapper.focusdist = True  # type: ignore[attr-defined]
     return wrapper
@@ -162,18 +190,23 @@ def write_predictions(predictions: Any, path: Path) -> int:
 
 
 def _run_focusdist_subcommand(run_subcommand: Any) -> Any:
-    """Wrap ``AnomalibCLI._run_subcommand``: a quiet opset-18 export and a reported prediction for FocusDist."""
+    """Wrap ``AnomalibCLI._run_subcommand`` for FocusDist: checkpoint checked first, quiet export, reported scores."""
 
     @functools.wraps(run_subcommand)
     def wrapper(self: Any) -> None:
         from anomalib_cfa_ncl import FocusDist
+        from anomalib_cfa_ncl.models.focusdist.checkpoint import check_checkpoint_to_load
         from anomalib_cfa_ncl.onnx_export import onnx_export_kwargs, quiet_onnx_export
 
-        if self.subcommand not in {"export", "predict"} or not isinstance(getattr(self, "model", None), FocusDist):
+        if not isinstance(getattr(self, "model", None), FocusDist) or getattr(self, "engine", None) is None:
             run_subcommand(self)
             return
         run = getattr(self.engine, self.subcommand)
         kwargs = self._prepare_subcommand_kwargs(self.subcommand)
+        check_checkpoint_to_load(kwargs.get("ckpt_path"))  # before Lightning's torch.load: ~190 lines of trace
+        if self.subcommand not in {"export", "predict"}:
+            run(**kwargs)
+            return
         if self.subcommand == "export":
             kwargs["onnx_kwargs"] = onnx_export_kwargs(kwargs.get("onnx_kwargs"))
             with quiet_onnx_export():

@@ -44,11 +44,25 @@ def test_too_small_images_say_the_minimum_size(fitted_model: FocusDistModel) -> 
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_nan_or_inf_in_a_batch_is_refused(fitted_model: FocusDistModel, value: float) -> None:
+def test_nan_or_inf_image_scores_as_anomalous_alone(fitted_model: FocusDistModel, value: float) -> None:
+    """Evaluation: the broken image scores +inf over its whole map; the clean one beside it scores as alone."""
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        alone = fitted_model(images[:1])
+        images[1, 0, 3, 3] = value
+        output = fitted_model(images)
+    torch.testing.assert_close(output.pred_score[:1], alone.pred_score)  # batched kernels differ by rounding only
+    torch.testing.assert_close(output.anomaly_map[:1], alone.anomaly_map)
+    assert output.pred_score[1] == float("inf") and (output.anomaly_map[1] == float("inf")).all()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_in_training_images_is_refused(value: float) -> None:
+    model = FocusDistModel(backbone="resnet18", pre_trained=False, n_features=32)
     images = torch.rand(2, 3, 64, 64)
     images[1, 0, 3, 3] = value
     with pytest.raises(ValueError, match="NaN or Inf") as error:
-        fitted_model(images)
+        model.fit_statistics([images])
     _one_line(error)
 
 

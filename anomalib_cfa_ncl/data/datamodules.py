@@ -31,6 +31,8 @@ from anomalib.data.datamodules.image import btech, mvtecad
 from anomalib.data.datasets.image.btech import CATEGORIES as BTAD_CATEGORIES
 from anomalib.data.datasets.image.mvtecad import CATEGORIES as MVTEC_CATEGORIES
 
+from .checks import check_missing_masks
+
 __all__ = ["BTAD", "MVTec"]
 
 ANOMALIB_NUM_WORKERS = 8  # the default of anomalib's MVTecAD and BTech
@@ -122,6 +124,7 @@ class MVTec(MVTecAD):
     def prepare_data(self) -> None:
         """Use the category folder; download MVTec AD when it is missing; explain what cannot be fixed."""
         prepare_or_explain(self, super().prepare_data, "MVTec AD", MVTEC_CATEGORIES, mvtecad.DOWNLOAD_INFO.url)
+        check_missing_masks(Path(self.root) / self.category)
 
 
 class BTAD(BTech):

@@ -8,13 +8,22 @@ leaving layers randomly initialised.
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 
 import timm
 import torch
+from anomalib.data import InferenceBatch
+from timm.models._features import FeatureGetterNet
 from torch import nn
 
+from .arguments import check_scoring_grid
+
+logger = logging.getLogger(__name__)
+
 INPUT_LIMIT = 1e3  # normalised images lie within about +-3; clamping far outside keeps every score finite
+HUB_PROBE_TIMEOUT = 3.0  # seconds; the hub client itself retries a dead connection for about 47 s
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for in a hub repository
 
 
 def _unknown_backbone_message(backbone: str) -> str:
@@ -44,6 +53,12 @@ def layer_indices(backbone: str, layers: list[str]) -> list[int]:
         msg = "FocusDist needs at least one feature layer: pass layers=[...] (e.g. ['layer1', 'layer2', 'layer3'])."
         raise ValueError(msg)
     probe = timm.create_model(backbone, pretrained=False, features_only=True)
+    if isinstance(probe, FeatureGetterNet):
+        msg = (
+            f"Backbone {backbone!r} gives token features (a vision transformer): FocusDist needs a backbone with "
+            "feature maps, e.g. a CNN such as 'resnet18', 'wide_resnet50_2' or 'efficientnet_b0'."
+        )
+        raise ValueError(msg)
     names = [info["module"] for info in probe.feature_info.info]
     unknown = [layer for layer in layers if layer not in names]
     if unknown:
@@ -102,6 +117,36 @@ def read_backbone_weights(path: str | Path, backbone: str, indices: list[int]) -
     return state
 
 
+def _unreachable_hub_message(backbone: str, error: Exception) -> str:
+    reason = str(error).splitlines()[0] if str(error) else "no answer"
+    return (
+        f"Could not fetch ImageNet weights for {backbone!r} ({type(error).__name__}: {reason}). Without internet, "
+        "pass backbone_weights=<path to a .safetensors or .pth file of this backbone>, or pre_trained=False."
+    )
+
+
+def check_hub_reachable(backbone: str) -> None:
+    """Fail within seconds when ImageNet weights must come from an unreachable hub (not after a minute of retries).
+
+    Weights already in the local hub cache, and the hub's offline mode (which fails at once), need no probe.
+
+    Raises:
+        RuntimeError: If the weights are not cached and the hub does not answer within ``HUB_PROBE_TIMEOUT``.
+
+    """
+    from huggingface_hub import constants, get_session, try_to_load_from_cache
+
+    repo = getattr(timm.models.get_pretrained_cfg(backbone), "hf_hub_id", None)
+    if not repo or constants.HF_HUB_OFFLINE:
+        return
+    if any(isinstance(try_to_load_from_cache(repo, name), str) for name in HUB_WEIGHT_FILES):
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT)
+    except Exception as error:
+        raise RuntimeError(_unreachable_hub_message(backbone, error)) from error
+
+
 def create_feature_extractor(
     backbone: str,
     layers: list[str],
@@ -113,8 +158,9 @@ def create_feature_extractor(
     Args:
         backbone (str): timm model name.
         layers (list[str]): Feature layer names, shallow to deep.
-        pre_trained (bool): Start from ImageNet weights.
-        backbone_weights (str | None): Local weights file; when given it is used instead of the download.
+        pre_trained (bool): Start from ImageNet weights (downloaded unless ``backbone_weights`` is given).
+        backbone_weights (str | None): Local weights file; when given it is always loaded, whatever
+            ``pre_trained`` says (a file named on purpose is never ignored).
 
     Returns:
         nn.Module: The feature model; ``model.feature_info`` describes the selected layers.
@@ -124,20 +170,19 @@ def create_feature_extractor(
 
     """
     indices = layer_indices(backbone, layers)
-    local = pre_trained and backbone_weights is not None
+    local = backbone_weights is not None
     overlay = {"state_dict": read_backbone_weights(backbone_weights, backbone, indices)} if local else None
+    if pre_trained and not local:
+        check_hub_reachable(backbone)
     try:
         return timm.create_model(
-            backbone, pretrained=pre_trained, pretrained_cfg_overlay=overlay, features_only=True, out_indices=indices
-        )
+            backbone, pretrained=pre_trained or local, pretrained_cfg_overlay=overlay, features_only=True,
+            out_indices=indices,
+        )  # fmt: skip
     except Exception as error:
         if not pre_trained or local:
             raise
-        msg = (
-            f"Could not fetch ImageNet weights for {backbone!r} ({type(error).__name__}: {error}). Without internet, "
-            "pass backbone_weights=<path to a .safetensors or .pth file of this backbone>, or pre_trained=False."
-        )
-        raise RuntimeError(msg) from error
+        raise RuntimeError(_unreachable_hub_message(backbone, error)) from error
 
 
 def feature_module(model: nn.Module, layer: str) -> nn.Module:
@@ -146,12 +191,13 @@ def feature_module(model: nn.Module, layer: str) -> nn.Module:
     return modules.get(layer) or modules[layer.replace(".", "_")]
 
 
-def checked_images(images: torch.Tensor, min_size: int) -> torch.Tensor:
+def checked_images(images: torch.Tensor, min_size: int, map_stride: int | None = None) -> torch.Tensor:
     """Raise a one-line error, with the fix, for a batch the backbone cannot take; clamp far-out values.
 
     Args:
         images (torch.Tensor): Input images, expected shape ``(B, 3, H, W)`` with ``H, W >= min_size``.
         min_size (int): The backbone's largest stride.
+        map_stride (int | None): Stride of the scoring grid, to check that the grid is large enough.
 
     Returns:
         torch.Tensor: The images, clamped to ``+-INPUT_LIMIT``.
@@ -169,6 +215,8 @@ def checked_images(images: torch.Tensor, min_size: int) -> torch.Tensor:
             f"resize images to at least {min_size}x{min_size} (the default pre-processor resizes to 256)."
         )
         raise ValueError(msg)
+    if map_stride is not None:
+        check_scoring_grid(images.shape[-2:], map_stride)
     if not torch.compiler.is_exporting() and not torch.isfinite(images).all():
         msg = (
             "The image batch contains NaN or Inf values: check the image files and the pre-processing "
@@ -176,3 +224,51 @@ def checked_images(images: torch.Tensor, min_size: int) -> torch.Tensor:
         )
         raise ValueError(msg)
     return images.clamp(-INPUT_LIMIT, INPUT_LIMIT)
+
+
+class NonFiniteImages:
+    """In evaluation, an image with NaN or infinite pixels scores as fully anomalous, alone; training refuses it.
+
+    The images of a batch are scored independently, so one broken image (a camera fault, a corrupt file) must
+    neither pass as normal nor change its neighbours' scores. A forward pre-hook zeroes the non-finite pixels (the
+    other images and the computation stay finite) and remembers which images had them; a forward hook then sets
+    those images' score and every map pixel to ``+inf``, which anomalib's post-processor turns into score 1.0,
+    label anomalous and a full mask. Both hooks are traced into the exported graph.
+    """
+
+    def __init__(self) -> None:
+        self.broken: torch.Tensor | None = None
+
+    def attach(self, model: nn.Module) -> None:
+        """Register the two hooks on ``model`` (a :class:`~.torch_model.FocusDistModel`)."""
+        model.register_forward_pre_hook(self.zero_non_finite_pixels)
+        model.register_forward_hook(self.score_broken_images_as_anomalous)
+
+    def zero_non_finite_pixels(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Evaluation: zero the non-finite pixels of the batch ``args[0]`` ``(B, 3, H, W)``, remembering the images."""
+        if module.training:
+            return None
+        images = args[0]
+        finite = torch.isfinite(images)
+        self.broken = ~finite.flatten(1).all(dim=1)
+        if not torch.compiler.is_exporting() and bool(self.broken.any()):
+            logger.warning(
+                "FocusDist: %d of %d images have NaN or infinite pixel values: scored as fully anomalous; check the "
+                "image files and the pre-processing (e.g. a Normalize with a zero std).",
+                int(self.broken.sum()),
+                len(images),
+            )
+        return (torch.where(finite, images, torch.zeros_like(images)), *args[1:])
+
+    def score_broken_images_as_anomalous(self, module: nn.Module, args: tuple, output: object) -> object:
+        """Evaluation: ``+inf`` score and map for the remembered images; the others' output stays as it is."""
+        del args
+        broken, self.broken = self.broken, None
+        if module.training or broken is None or not isinstance(output, InferenceBatch):
+            return None
+        infinite = torch.full_like(output.pred_score, float("inf"))
+        return output._replace(
+            pred_score=torch.where(broken, infinite, output.pred_score),
+            anomaly_map=torch.where(broken.view(-1, 1, 1, 1), torch.full_like(output.anomaly_map, float("inf")),
+                                    output.anomaly_map),
+        )  # fmt: skip

@@ -6,6 +6,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 # a key only a FocusDist checkpoint has: it tells our checkpoints from other models' ones
 SIGNATURE_KEY = "model.gaussian.precision_scale"
 
@@ -21,10 +23,10 @@ def check_checkpoint(checkpoint: dict[str, Any]) -> None:
 
 
 def checkpoint_file(path: str | Path) -> Path:
-    """Return the path of a checkpoint file, or raise a one-line error when it is missing or not a checkpoint.
+    """Return the path of a checkpoint file, or raise a one-line error when it is missing, not a checkpoint or unsafe.
 
-    Lightning checkpoints are zip archives (``torch.save``); testing for one reads only the archive's directory, so
-    the file itself is read once, by Lightning.
+    Lightning checkpoints are zip archives (``torch.save``); testing for one reads only the archive's directory, and
+    the unsafe-object test reads only its pickle (without running it), so the tensors are read once, by Lightning.
     """
     path = Path(path)
     if not path.is_file():
@@ -36,4 +38,24 @@ def checkpoint_file(path: str | Path) -> Path:
             "train again or copy the file again."
         )
         raise ValueError(msg)
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as error:
+        msg = f"Could not read checkpoint {str(path)!r}: the file is corrupted; train again or copy the file again."
+        raise ValueError(msg) from error
+    if unsafe:
+        msg = (
+            f"Checkpoint {str(path)!r} holds Python objects a checkpoint never needs ({', '.join(unsafe[:3])}), which "
+            "could run code when loaded: it was not loaded. Use a checkpoint written by FocusDist's training."
+        )
+        raise ValueError(msg)
     return path
+
+
+def check_checkpoint_to_load(path: str | Path | None) -> None:
+    """One-line errors for the local checkpoint a trainer will load (``ckpt_path``), before Lightning reads it.
+
+    Lightning's own ``torch.load`` ends a corrupted or unsafe file in about 190 lines; remote paths are left to it.
+    """
+    if path and "://" not in str(path):
+        checkpoint_file(path)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .arguments import check_scoring_grid
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -44,6 +46,19 @@ def _model_input_size(pre_processor: nn.Module | None, raw_size: tuple[int, int]
         return raw_size
     with torch.no_grad():
         return tuple(pre_processor(torch.zeros(1, 3, *raw_size)).shape[-2:])
+
+
+def fixed_input_size(pre_processor: nn.Module | None) -> tuple[int, int] | None:
+    """The size at which the torch model sees every raw image (a pre-processor that resizes), else ``None``."""
+    seen = {_model_input_size(pre_processor, size) for size in DYNAMIC_PROBE_SIZES}
+    return seen.pop() if len(seen) == 1 else None
+
+
+def check_input_grid(model: FocusDistModel, pre_processor: nn.Module | None) -> None:
+    """Before any work: a one-line error when the pre-processor's size gives the model too small a scoring grid."""
+    size = fixed_input_size(pre_processor)
+    if size is not None:
+        check_scoring_grid(size, model.map_stride)
 
 
 def _training_size_hint(model: FocusDistModel) -> str:
@@ -81,14 +96,13 @@ def check_export_input_size(
     locations = model.gaussian.mean.shape[0]
     hint = _training_size_hint(model)
     if input_size is None:
-        seen = {_model_input_size(pre_processor, size) for size in DYNAMIC_PROBE_SIZES}
-        if len(seen) > 1:
+        size = fixed_input_size(pre_processor)
+        if size is None:
             msg = (
                 "A dynamic input size needs a Resize in FocusDist's pre-processor (its statistics are fitted on one "
                 f"size): export with input_size={hint}, or train with a pre-processor that resizes."
             )
             raise ValueError(msg)
-        size = seen.pop()
     else:
         size = _model_input_size(pre_processor, tuple(input_size))
     grid = model.grid_size(size)

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import check_checkpoint, checkpoint_file
-from .export import ExportChecks
+from .export import ExportChecks, check_input_grid
 from .loss import FocusDistLoss
 from .torch_model import FocusDistModel
 from .visualization import AlignmentVisualizer
@@ -172,14 +172,18 @@ class FocusDist(ExportChecks, AnomalibModule):
         """FocusDist learns from normal images only."""
         return LearningType.ONE_CLASS
 
+    def default_max_epochs(self) -> int:
+        """Epochs trained when neither ``max_epochs`` nor ``max_steps`` is given."""
+        return DEFAULT_MAX_EPOCHS
+
     def setup(self, stage: str) -> None:
-        """Bound training when no length was given."""
+        """Before any work: check the scoring grid at the pre-processor's size; bound training without a length."""
+        check_input_grid(self.model, self.pre_processor)
         trainer = self._trainer
-        if trainer is None or stage != "fit":
-            return
-        if trainer.max_steps == -1 and trainer.fit_loop.max_epochs == LIGHTNING_FALLBACK_MAX_EPOCHS:
-            logger.info("FocusDist: no max_epochs given, training %d epochs.", DEFAULT_MAX_EPOCHS)
-            trainer.fit_loop.max_epochs = DEFAULT_MAX_EPOCHS
+        fallback = trainer and trainer.max_steps == -1 and trainer.max_epochs == LIGHTNING_FALLBACK_MAX_EPOCHS
+        if stage == "fit" and fallback:  # the Python API without max_epochs (the CLI sets them before Lightning)
+            logger.info("FocusDist: no max_epochs given: training %d epochs.", self.default_max_epochs())
+            trainer.fit_loop.max_epochs = self.default_max_epochs()
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """Adam with a small learning rate for the backbone and a larger one for the new modules."""
@@ -240,13 +244,13 @@ class FocusDist(ExportChecks, AnomalibModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> FocusDist:  # type: ignore[override]
-        """Load a FocusDist checkpoint, with a one-line error for a missing or corrupted file.
+        """Load a FocusDist checkpoint, with a one-line error for a missing, corrupted or unsafe file.
 
-        ``pre_trained`` defaults to ``False``: the checkpoint holds every weight, so neither the ImageNet download
-        nor the training machine's ``backbone_weights`` file is needed (e.g. offline). Other arguments are
-        :meth:`AnomalibModule.load_from_checkpoint`'s (e.g. ``map_location="cpu"``).
+        ``pre_trained`` defaults to ``False`` and ``backbone_weights`` to ``None``: the checkpoint holds every weight
+        (no download, no weights file needed). Other arguments are :meth:`AnomalibModule.load_from_checkpoint`'s.
         """
         kwargs.setdefault("pre_trained", False)
+        kwargs.setdefault("backbone_weights", None)
         return super().load_from_checkpoint(checkpoint_file(checkpoint_path), *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -22,7 +22,8 @@ from torch import nn
 
 from .alignment import AlignedFeatures, SimilarityTransformer, compose_theta, feature_transformer, identity_theta, warp
 from .anomaly_map import AnomalyMapGenerator
-from .backbone import checked_images, create_feature_extractor, feature_module
+from .arguments import check_model_arguments
+from .backbone import NonFiniteImages, checked_images, create_feature_extractor, feature_module
 from .gate import AlignmentGate, choose_frame
 from .gaussian import StreamingGaussian, channel_subset
 from .loss import NCLHead, TrainingOutput, at_most_grid
@@ -100,6 +101,7 @@ class FocusDistModel(nn.Module):
         # channels-last: on CPU, depthwise convolutions' input gradients are up to 100x faster in this layout
         self.feature_extractor.to(memory_format=torch.channels_last)
         channels = self.feature_extractor.feature_info.channels()
+        check_model_arguments(backbone, map_stride, regularization, n_features, sum(channels))
         self.min_input_size = max(self.feature_extractor.feature_info.reduction())
 
         self.image_transformer = SimilarityTransformer(3) if image_alignment else None
@@ -114,6 +116,7 @@ class FocusDistModel(nn.Module):
         self.feature_index: torch.Tensor
         self.gaussian = StreamingGaussian(regularization, statistics_dtype, statistics_neighbourhood)
         self.anomaly_map_generator = AnomalyMapGenerator(blur_sigma)
+        NonFiniteImages().attach(self)  # evaluation: an image with NaN/Inf pixels scores as anomalous, alone
         # Lightning 2.6 starts fitting in whatever mode the modules are in, so freeze BatchNorm now, not on .train()
         self.train()
 
@@ -153,7 +156,7 @@ class FocusDistModel(nn.Module):
             AlignedFeatures: The features of every layer and the transforms that produced them.
 
         """
-        aligned, image_theta = self.align_images(checked_images(images, self.min_input_size))
+        aligned, image_theta = self.align_images(checked_images(images, self.min_input_size, self.map_stride))
         # Feature-level alignment runs inside this call: a forward hook on each selected stage warps the stage's
         # output before the next stage consumes it (timm backbones share no stage-by-stage interface, so hooks
         # keep every one of them working). Each transformer keeps the transform it applied, collected below.
