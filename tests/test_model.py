@@ -51,12 +51,17 @@ def test_identity_alignment_maps_match_an_unaligned_model() -> None:
     assert torch.allclose(base, images, atol=1e-4)  # float32 rounding of the sampling positions
 
 
-def test_fit_then_reload_from_checkpoint_gives_identical_scores(tiny_dataset_root, tmp_path) -> None:
+@pytest.mark.parametrize("stages", [{}, {"feature_alignment": True, "ncl": True}], ids=["default", "all three stages"])
+def test_fit_then_reload_from_checkpoint_gives_identical_scores(stages, tiny_dataset_root, tmp_path) -> None:
     torch.manual_seed(0)
-    model = tiny_model()
+    model = tiny_model(backbone_lr=1e-3, **stages)
+    before = [parameter.detach().clone() for parameter in model.model.feature_extractor.parameters()]
     datamodule = tiny_datamodule(tiny_dataset_root)
     engine = tiny_engine(tmp_path)
     engine.fit(model, datamodule=datamodule)
+    after = list(model.model.feature_extractor.parameters())
+    fine_tuned = any(not torch.equal(old, new) for old, new in zip(before, after, strict=True))
+    assert fine_tuned == bool(stages)  # only NCL changes the backbone
     checkpoint = tmp_path / "focusdist.ckpt"
     engine.trainer.save_checkpoint(checkpoint)
     reloaded = FocusDist.load_from_checkpoint(checkpoint, map_location="cpu")  # weights_only=True, as anomalib does

@@ -66,10 +66,10 @@ class FocusDistModel(nn.Module):
         blur_sigma (float): Standard deviation of the anomaly-map blur, in input pixels.
 
     Example:
-        >>> model = FocusDistModel(backbone="resnet18", pre_trained=False)
+        >>> model = FocusDistModel(backbone="resnet18", pre_trained=False, feature_alignment=True, ncl=True)
         >>> output = model(torch.rand(2, 3, 256, 256))  # training mode: what the loss needs
-        >>> sorted(output.ncl_pairs)
-        ['layer1', 'layer2', 'layer3']
+        >>> sorted(output.ncl_pairs), output.aligned_images.shape
+        (['layer1', 'layer2', 'layer3'], torch.Size([2, 3, 256, 256]))
 
     """
 
@@ -82,8 +82,8 @@ class FocusDistModel(nn.Module):
         n_features: int | None = 176,
         image_alignment: bool = True,
         image_alignment_gate: bool = True,
-        feature_alignment: bool = True,
-        ncl: bool = True,
+        feature_alignment: bool = False,
+        ncl: bool = False,
         map_stride: int = 8,
         local_aggregation: int = 3,
         projection_dim: int = 128,
