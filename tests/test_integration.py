@@ -46,8 +46,9 @@ def test_an_obvious_defect_scores_above_every_normal_image(project: tuple[Path, 
     _, checkpoint = project
     model = FocusDist.load_from_checkpoint(checkpoint, map_location="cpu").eval()
     normal = [read_image(path, as_tensor=True) for path in sorted(tiny_dataset_root.glob(f"{CATEGORY}/*/good/*.png"))]
-    with torch.no_grad():
-        scores = model(torch.stack([*normal, with_obvious_defect(normal[0])])).pred_score
+    images = model.pre_processor.transform(torch.stack([*normal, with_obvious_defect(normal[0])]))
+    with torch.no_grad():  # raw scores: the post-processor's normalised ones saturate at 1
+        scores = model.model(images).pred_score
     assert scores[-1] > scores[:-1].max()
 
 
