@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
@@ -40,13 +41,26 @@ def warn_once(message: str) -> None:
         logger.warning(message)
 
 
+def _samples(datamodule: object, column: str) -> Iterator[Any]:
+    """Per dataset of the datamodule that has ``column``, its samples; for ``mask_path`` only the anomalous ones.
+
+    anomalib reads masks of anomalous images only (a normal image gets an empty mask), and some datasets (BTech)
+    list a mask path for normal images that does not exist.
+    """
+    for name in SPLITS:
+        samples = getattr(getattr(datamodule, name, None), "samples", None)
+        if samples is None or column not in samples:
+            continue
+        if column == "mask_path" and "label_index" in samples:
+            samples = samples[samples["label_index"] == 1]
+        yield samples
+
+
 def _files(datamodule: object, column: str) -> list[str]:
     """The files of ``column`` (``image_path`` or ``mask_path``) in every dataset of the datamodule, each once."""
     found: dict[str, None] = {}
-    for name in SPLITS:
-        samples = getattr(getattr(datamodule, name, None), "samples", None)
-        if samples is not None and column in samples:
-            found.update(dict.fromkeys(str(path) for path in samples[column] if isinstance(path, str) and path))
+    for samples in _samples(datamodule, column):
+        found.update(dict.fromkeys(str(path) for path in samples[column] if isinstance(path, str) and path))
     return list(found)
 
 
@@ -96,10 +110,8 @@ def check_readable_images(paths: Iterable[str]) -> None:
 def check_mask_sizes(datamodule: object) -> None:
     """Warn once, naming them, about masks whose size differs from their image's (anomalib stretches them)."""
     pairs: dict[tuple[str, str], None] = {}
-    for name in SPLITS:
-        samples = getattr(getattr(datamodule, name, None), "samples", None)
-        if samples is not None and "mask_path" in samples:
-            pairs.update(dict.fromkeys(zip(samples["image_path"], samples["mask_path"], strict=True)))
+    for samples in _samples(datamodule, "mask_path"):
+        pairs.update(dict.fromkeys(zip(samples["image_path"], samples["mask_path"], strict=True)))
     differ = []
     for image_path, mask_path in pairs:
         if isinstance(mask_path, str) and mask_path:
