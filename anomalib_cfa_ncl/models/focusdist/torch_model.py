@@ -215,9 +215,8 @@ class FocusDistModel(nn.Module):
     def _training_output(self, images: torch.Tensor) -> TrainingOutput:
         """What the losses need. Without NCL nothing trains through the features, so the backbone is not run."""
         if self.ncl_heads is None:
-            aligned_images = None
-            if self.image_transformer is not None:
-                aligned_images = self.align_images(checked_images(images, self.min_input_size))[0]
+            images = checked_images(images, self.min_input_size, self.map_stride)
+            aligned_images = self.align_images(images)[0] if self.image_transformer is not None else None
             return TrainingOutput(ncl_pairs={}, aligned_images=aligned_images)
         aligned = self.extract_features(images)
         grid = self.grid_size(images.shape[-2:])
