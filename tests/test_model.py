@@ -115,3 +115,15 @@ def test_switches_remove_their_modules() -> None:
     assert model.model.feature_transformers is None
     assert model.model.ncl_heads is None
     assert model.configure_optimizers() is None
+
+
+def test_statistics_are_fitted_once_for_a_validation_after_the_last_epoch(tiny_dataset_root, tmp_path) -> None:
+    """Validating every epoch would refit the gate and the Gaussian every epoch for scores nobody keeps."""
+    model = tiny_model()
+    fits = []
+    fit_statistics = model.model.fit_statistics
+    model.model.fit_statistics = lambda *args, **kwargs: (fits.append(1), fit_statistics(*args, **kwargs))
+    engine = tiny_engine(tmp_path, max_epochs=3)
+    engine.fit(model, datamodule=tiny_datamodule(tiny_dataset_root))
+    assert len(fits) == 1
+    assert engine.trainer.check_val_every_n_epoch == 3

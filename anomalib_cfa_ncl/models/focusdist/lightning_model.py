@@ -181,13 +181,18 @@ class FocusDist(ExportChecks, AnomalibModule):
         return DEFAULT_MAX_EPOCHS if trains else 1
 
     def setup(self, stage: str) -> None:
-        """Before any work: check the scoring grid at the pre-processor's size; bound training without a length."""
+        """Before any work: check the scoring grid; bound training without a length; validate after the last epoch."""
         check_input_grid(self.model, self.pre_processor)
         trainer = self._trainer
         fallback = trainer and trainer.max_steps == -1 and trainer.max_epochs == LIGHTNING_FALLBACK_MAX_EPOCHS
         if stage == "fit" and fallback:  # the Python API without max_epochs (the CLI sets them before Lightning)
             logger.info("FocusDist: no max_epochs given: training %d epochs.", self.default_max_epochs())
             trainer.fit_loop.max_epochs = self.default_max_epochs()
+        if stage == "fit" and trainer and trainer.check_val_every_n_epoch == 1 and trainer.max_epochs not in (None, -1):
+            # Every validation refits the statistics (gate and Gaussian: several passes over the training images)
+            # and mid-training scores are not the trained model's, so validate once, after the last epoch
+            # (a user's --trainer.check_val_every_n_epoch other than 1 is kept).
+            trainer.check_val_every_n_epoch = trainer.max_epochs
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """Adam with a small learning rate for the backbone and a larger one for the new modules."""
