@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Reduce = Callable[[torch.Tensor], torch.Tensor]
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes
 HELD_BACK_EVERY = 5  # every fifth training image is held back to choose the frame (20 %)
 MAX_HELD_BACK = 32  # bounds the memory of the held-back images, independent of the training set's size
 MIN_HELD_BACK = 2  # fewer held-back images say nothing: keep the input frame

@@ -24,11 +24,9 @@ from .alignment import AlignedFeatures, SimilarityTransformer, compose_theta, fe
 from .anomaly_map import AnomalyMapGenerator
 from .arguments import check_model_arguments
 from .backbone import NonFiniteImages, checked_images, create_feature_extractor, feature_module
-from .gate import AlignmentGate, choose_frame
+from .gate import AlignmentGate, Reduce, choose_frame
 from .gaussian import StreamingGaussian, channel_subset
 from .loss import NCLHead, TrainingOutput, at_most_grid
-
-Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes
 
 
 def _layer_key(layer: str) -> str:
