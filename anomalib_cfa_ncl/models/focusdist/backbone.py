@@ -230,10 +230,10 @@ class NonFiniteImages:
     """In evaluation, an image with NaN or infinite pixels scores as fully anomalous, alone; training refuses it.
 
     The images of a batch are scored independently, so one broken image (a camera fault, a corrupt file) must
-    neither pass as normal nor change its neighbours' scores. A forward pre-hook zeroes the non-finite pixels (the
-    other images and the computation stay finite) and remembers which images had them; a forward hook then sets
-    those images' score and every map pixel to ``+inf``, which anomalib's post-processor turns into score 1.0,
-    label anomalous and a full mask. Both hooks are traced into the exported graph.
+    neither pass as normal nor change its neighbours' scores. A forward pre-hook zeroes the broken images (the
+    other images and the computation stay finite) and remembers them; a forward hook then sets those images' score
+    and every map pixel to ``+inf``, which anomalib's post-processor turns into score 1.0, label anomalous and a
+    full mask. Both hooks are traced into the exported graph.
     """
 
     def __init__(self) -> None:
@@ -241,16 +241,18 @@ class NonFiniteImages:
 
     def attach(self, model: nn.Module) -> None:
         """Register the two hooks on ``model`` (a :class:`~.torch_model.FocusDistModel`)."""
-        model.register_forward_pre_hook(self.zero_non_finite_pixels)
+        model.register_forward_pre_hook(self.zero_broken_images)
         model.register_forward_hook(self.score_broken_images_as_anomalous)
 
-    def zero_non_finite_pixels(self, module: nn.Module, args: tuple) -> tuple | None:
-        """Evaluation: zero the non-finite pixels of the batch ``args[0]`` ``(B, 3, H, W)``, remembering the images."""
+    def zero_broken_images(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Evaluation: zero the images of the batch ``args[0]`` ``(B, 3, H, W)`` that have non-finite pixels."""
         if module.training:
             return None
         images = args[0]
-        finite = torch.isfinite(images)
-        self.broken = ~finite.flatten(1).all(dim=1)
+        # x * 0 is 0 for a finite pixel and NaN for NaN or +-inf, so an image's sum of them is NaN exactly when it has
+        # a non-finite pixel, and never overflows: one reduction instead of a per-pixel mask, whose IsInf, IsNaN and
+        # Select cost a tenth of the exported model's time. The whole image is zeroed: its score is replaced anyway.
+        self.broken = torch.isnan((images * 0).sum(dim=(1, 2, 3)))
         if not torch.compiler.is_exporting() and bool(self.broken.any()):
             logger.warning(
                 "FocusDist: %d of %d images have NaN or infinite pixel values: scored as fully anomalous; check the "
@@ -258,7 +260,7 @@ class NonFiniteImages:
                 int(self.broken.sum()),
                 len(images),
             )
-        return (torch.where(finite, images, torch.zeros_like(images)), *args[1:])
+        return (images.masked_fill(self.broken.view(-1, 1, 1, 1), 0.0), *args[1:])
 
     def score_broken_images_as_anomalous(self, module: nn.Module, args: tuple, output: object) -> object:
         """Evaluation: ``+inf`` score and map for the remembered images; the others' output stays as it is."""
