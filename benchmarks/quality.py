@@ -145,6 +145,8 @@ def run(name: str, category: str, args: argparse.Namespace) -> dict:
     if gate is not None:  # which frame the alignment gate chose, on the training images alone
         result["alignment_kept"] = bool(gate.enabled)
         result["gate_separation"] = gate.separation.tolist()
+    if focusdist:  # the covariance shrinkage chosen on the training images alone
+        result["covariance_shrinkage"] = model.model.gaussian.shrinkage
     if curve:
         result["curve"] = curve.rows
     return result

@@ -101,3 +101,50 @@ def test_gate_keeps_the_input_frame_for_identical_images() -> None:
     model = _model_with_poses(images, similarity_theta(torch.zeros(20, 4), math.pi / 4, math.log(1.25), 0.5))
     model.fit_statistics([images])
     assert not bool(model.alignment_gate.enabled)
+
+
+def _unaligned_model(shrinkage: float = 0.3) -> FocusDistModel:
+    torch.manual_seed(0)
+    return FocusDistModel(
+        backbone="resnet18", pre_trained=False, image_alignment=False, n_features=64, covariance_shrinkage=shrinkage
+    )
+
+
+def test_a_part_in_a_fixed_pose_keeps_each_locations_own_covariance(caplog) -> None:
+    """Without an image transformer the held-back images still decide the shrinkage: a photo's locations differ."""
+    noise = torch.randn(40, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    images = _photo().expand(40, -1, -1, -1) + 0.05 * noise
+    model = _unaligned_model()
+    with caplog.at_level(logging.INFO):
+        model.fit_statistics([images])
+    assert model.gaussian.shrinkage == 0.0
+    assert "with covariance shrinkage 0 and 0.3: shrinkage 0 used" in caplog.text
+
+
+def test_the_chosen_shrinkage_is_the_one_fitted() -> None:
+    images = torch.rand(20, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    model = _unaligned_model(shrinkage=1.0)
+    model.fit_statistics([images])
+    reference = _unaligned_model(shrinkage=model.gaussian.shrinkage)
+    reference.gaussian.update(reference.eval().embed(images)[0].detach())
+    reference.gaussian.finalize()
+    torch.testing.assert_close(model.gaussian.precision, reference.gaussian.precision)
+
+
+def test_identical_images_keep_each_locations_own_covariance() -> None:
+    """Nothing varies, so shrinking changes no score: a tie keeps the unshrunk covariance."""
+    model = _unaligned_model()
+    model.fit_statistics([_photo().expand(20, -1, -1, -1).clone()])
+    assert model.gaussian.shrinkage == 0.0
+
+
+def test_without_shrinkage_and_gate_no_image_is_held_back(monkeypatch) -> None:
+    model = _unaligned_model(shrinkage=0.0)
+    monkeypatch.setattr("anomalib_cfa_ncl.models.focusdist.torch_model.choose_scoring", _fail)
+    model.fit_statistics([torch.rand(10, 3, SIZE, SIZE)])  # one pass, nothing to decide
+    assert model.gaussian.is_fitted
+
+
+def _fail(*_args: object) -> None:
+    msg = "nothing to decide: choose_scoring must not run"
+    raise AssertionError(msg)

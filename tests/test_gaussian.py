@@ -86,3 +86,48 @@ def test_neighbourhood_fit_pools_the_samples_of_neighbouring_locations() -> None
     assert np.allclose(stored, precisions, rtol=1e-4, atol=1e-4 * np.abs(precisions).max())
     with pytest.raises(ValueError, match="odd number"):
         StreamingGaussian(neighbourhood=2)
+
+
+def _precision(gaussian: StreamingGaussian) -> torch.Tensor:
+    return gaussian.precision.float() * gaussian.precision_scale[:, None, None]
+
+
+def test_shrinkage_blends_each_location_with_the_mean_covariance() -> None:
+    rng = np.random.default_rng(1)
+    samples = rng.normal(size=(40, 4, 6)) * rng.uniform(0.5, 3.0, size=(1, 4, 6))  # each location its own scales
+    tensor = torch.from_numpy(samples).float().reshape(40, 4, 2, 3)
+    fitted = {}
+    for shrinkage in (0.0, 0.3, 1.0):
+        gaussian = StreamingGaussian(regularization=0.0, storage_dtype="float32", shrinkage=shrinkage)
+        gaussian.update(tensor)
+        gaussian.finalize()
+        fitted[shrinkage] = gaussian
+    own = np.stack([np.cov(samples[:, :, loc], rowvar=False) for loc in range(6)])
+    for shrinkage, gaussian in fitted.items():
+        expected = (1 - shrinkage) * own + shrinkage * own.mean(axis=0)
+        covariance = torch.linalg.inv(_precision(gaussian).double()).numpy()
+        assert np.allclose(covariance, expected, rtol=1e-3, atol=1e-4), shrinkage
+        assert np.allclose(gaussian.mean.numpy(), samples.mean(axis=0).T, atol=1e-5)  # means stay per location
+    shared = _precision(fitted[1.0])
+    assert torch.allclose(shared, shared[:1].expand_as(shared), rtol=1e-4, atol=1e-5)
+
+
+def test_variants_from_one_set_of_sums_equal_separate_fits() -> None:
+    embeddings = torch.randn(30, 5, 3, 3)
+    running = StreamingGaussian(neighbourhood=3)
+    running.update(embeddings)
+    variants = running.finalize_variants([0.0, 0.5])
+    assert running.running_sum is None  # the sums are consumed
+    for variant, shrinkage in zip(variants, (0.0, 0.5), strict=True):
+        separate = StreamingGaussian(neighbourhood=3, shrinkage=shrinkage)
+        separate.update(embeddings)
+        separate.finalize()
+        assert variant.shrinkage == shrinkage
+        torch.testing.assert_close(variant.mean, separate.mean)
+        torch.testing.assert_close(_precision(variant), _precision(separate))
+
+
+@pytest.mark.parametrize("shrinkage", [-0.1, 1.5, float("nan")])
+def test_shrinkage_outside_zero_to_one_is_refused(shrinkage: float) -> None:
+    with pytest.raises(ValueError, match=r"covariance_shrinkage must lie in \[0, 1\]"):
+        StreamingGaussian(shrinkage=shrinkage)

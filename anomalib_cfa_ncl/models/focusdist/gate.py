@@ -7,6 +7,11 @@ After training, every ``HELD_BACK_EVERY``-th training image (at most ``MAX_HELD_
 fitted on the rest in the input frame and another in the aligned frame, and the held-back images are scored in both
 frames, as they are and with a synthetic anomaly (anomalib's Perlin-noise generator, unlike any test defect). The
 frame whose scores separate the two better (image AUROC plus pixel AUROC) is used in evaluation.
+
+The same held-back images decide the covariance shrinkage: each frame's Gaussian is finalised once with each
+location's own covariance and once shrunk towards the mean covariance over all locations. On textures, whose
+positions are exchangeable, sharing the covariance's shape lends every location the samples of all others; on parts
+in a fixed pose each location's own covariance can be the better one.
 """
 
 from __future__ import annotations
@@ -157,19 +162,25 @@ def separation(
     return binary_auroc(scores, labels) + binary_auroc(pixels, pixel_labels)
 
 
-def choose_frame(model: FocusDistModel, batches: Iterable[torch.Tensor], reduce: Reduce | None = None) -> None:
-    """Decide whether ``model`` scores in the aligned frame, on its training images (one pass over them).
+def choose_scoring(model: FocusDistModel, batches: Iterable[torch.Tensor], reduce: Reduce | None = None) -> None:
+    """Decide, on its training images, the frame ``model`` scores in and the covariance shrinkage of its Gaussian.
 
-    Runs in evaluation mode without gradients (inside :meth:`FocusDistModel.fit_statistics`).
+    The candidates are every frame the gate may choose (the input frame, the aligned frame; only the model's own
+    frame without a gate) with every shrinkage (none and ``model.covariance_shrinkage``). One pass over the images:
+    the held-back images are scored under each candidate fitted on the rest, and the best one is kept; a tie keeps
+    the earlier candidate (input frame, no shrinkage first). Runs in evaluation mode without gradients (inside
+    :meth:`FocusDistModel.fit_statistics`); sets ``model.alignment_gate`` and ``model.gaussian.shrinkage``.
 
     Args:
-        model (FocusDistModel): The trained model with an image transformer and a gate.
+        model (FocusDistModel): The trained model.
         batches (Iterable[torch.Tensor]): Pre-processed training images without augmentation, ``(B, 3, H, W)``.
         reduce (Callable | None): Sums a tensor over processes (distributed training); ``None`` in one process.
 
     """
     gate = model.alignment_gate
-    gaussians = {aligned: model.gaussian.fresh() for aligned in (False, True)}
+    frames = (False, True) if gate is not None else (None,)  # None: the model's own frame, no choice
+    shrinkages = [0.0, model.covariance_shrinkage] if model.covariance_shrinkage > 0 else [0.0]
+    gaussians = {aligned: model.gaussian.fresh() for aligned in frames}
     held_back: list[torch.Tensor] = []
     seen = held = 0
     for images in batches:
@@ -178,26 +189,49 @@ def choose_frame(model: FocusDistModel, batches: Iterable[torch.Tensor], reduce:
         held_back.append(images[mask])
         if not mask.all():
             for aligned, gaussian in gaussians.items():
-                with gate.frame(aligned):
+                with _frame(gate, aligned):
                     gaussian.update(model.embed(images[~mask])[0])
     # every process takes the same branch: the decision rests on counts summed over processes
     counts = torch.tensor([held, seen - held, float(held == 0 or seen == held)], dtype=torch.float64)
     counts = reduce(counts) if reduce is not None else counts
     if counts[0] < MIN_HELD_BACK or counts[2] > 0:
-        gate.decide(None, int(counts[0]))
+        model.gaussian.shrinkage = 0.0
+        if gate is not None:
+            gate.decide(None, int(counts[0]))
         return
-    for gaussian in gaussians.values():
-        gaussian.finalize(reduce)
     normal = torch.cat(held_back)
     anomalous, masks = synthetic_anomalies(normal)
     results = []
     for aligned, gaussian in gaussians.items():
-        with gate.frame(aligned):
-            scored = [_score(model, gaussian, images) for images in (normal, anomalous)]
-        results.append(separation(*scored, masks) * held)
+        for variant in gaussian.finalize_variants(shrinkages, reduce):
+            with _frame(gate, aligned):
+                scored = [_score(model, variant, images) for images in (normal, anomalous)]
+            results.append(separation(*scored, masks) * held)
     total = torch.stack(results).to(torch.float64)
-    total = reduce(total) if reduce is not None else total
-    gate.decide((total / counts[0]).float(), int(counts[0]))
+    total = (reduce(total) if reduce is not None else total) / counts[0]
+    by_frame = total.view(len(frames), len(shrinkages)).float()
+    if gate is not None:
+        gate.decide(by_frame.amax(dim=1), int(counts[0]))
+    chosen_frame = int(gate.enabled) if gate is not None else 0
+    model.gaussian.shrinkage = shrinkages[int(by_frame[chosen_frame].argmax())]  # argmax: the first of equals
+    if len(shrinkages) > 1:
+        logger.info(
+            "FocusDist: in the chosen frame, image + pixel AUROC of the held-back images is %s with covariance "
+            "shrinkage %s: shrinkage %g used.",
+            " and ".join(f"{value:.3f}" for value in by_frame[chosen_frame].tolist()),
+            " and ".join(f"{value:g}" for value in shrinkages),
+            model.gaussian.shrinkage,
+        )
+
+
+@contextmanager
+def _frame(gate: AlignmentGate | None, aligned: bool | None) -> Iterator[None]:
+    """Evaluate in the given frame (``None``: the model's own, without a gate)."""
+    if gate is None or aligned is None:
+        yield
+        return
+    with gate.frame(aligned):
+        yield
 
 
 def _score(

@@ -52,6 +52,9 @@ class StreamingGaussian(DynamicBufferMixin):
         neighbourhood (int): Side of the square of neighbouring locations whose samples every location's
             Gaussian is fitted on (``1``: its own only). Pooling the sums of a few neighbours multiplies the
             samples per covariance without storing anything more.
+        shrinkage (float): Weight in ``[0, 1]`` of the mean covariance over all locations in every location's
+            covariance (``0``: each location's own). Where positions are exchangeable (textures), sharing the
+            shape of the covariance gives every location the samples of all of them.
 
     Example:
         >>> gaussian = StreamingGaussian()
@@ -62,8 +65,18 @@ class StreamingGaussian(DynamicBufferMixin):
 
     """
 
-    def __init__(self, regularization: float = 0.01, storage_dtype: str = "float16", neighbourhood: int = 1) -> None:
+    def __init__(
+        self,
+        regularization: float = 0.01,
+        storage_dtype: str = "float16",
+        neighbourhood: int = 1,
+        shrinkage: float = 0.0,
+    ) -> None:
         super().__init__()
+        if not 0.0 <= shrinkage <= 1.0:
+            msg = f"covariance_shrinkage must lie in [0, 1] (0 keeps each location's own covariance), got {shrinkage}."
+            raise ValueError(msg)
+        self.shrinkage = shrinkage
         if neighbourhood < 1 or neighbourhood % 2 == 0:
             msg = f"statistics_neighbourhood must be an odd number of locations (1, 3, 5, ...), got {neighbourhood}."
             raise ValueError(msg)
@@ -81,10 +94,11 @@ class StreamingGaussian(DynamicBufferMixin):
         self.precision_scale: torch.Tensor
         self.reset()
 
-    def fresh(self) -> StreamingGaussian:
-        """An unfitted Gaussian with the same settings, on the same device."""
+    def fresh(self, shrinkage: float | None = None) -> StreamingGaussian:
+        """An unfitted Gaussian with the same settings (``shrinkage`` if given), on the same device."""
         dtype_name = next(name for name, dtype in STORAGE_DTYPES.items() if dtype == self.storage_dtype)
-        return StreamingGaussian(self.regularization, dtype_name, self.neighbourhood).to(self.mean.device)
+        shrinkage = self.shrinkage if shrinkage is None else shrinkage
+        return StreamingGaussian(self.regularization, dtype_name, self.neighbourhood, shrinkage).to(self.mean.device)
 
     @property
     def is_fitted(self) -> bool:
@@ -127,6 +141,31 @@ class StreamingGaussian(DynamicBufferMixin):
             ValueError: If no image was seen at all.
 
         """
+        self._set_statistics(*self._mean_and_covariance(reduce))
+
+    def finalize_variants(
+        self, shrinkages: list[float], reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> list[StreamingGaussian]:
+        """Fitted Gaussians from these running sums, one per covariance shrinkage (the sums are consumed).
+
+        Args:
+            shrinkages (list[float]): The shrinkage of each variant.
+            reduce (Callable | None): As for :meth:`finalize`.
+
+        Returns:
+            list[StreamingGaussian]: One fitted Gaussian per shrinkage, in order.
+
+        """
+        mean, covariance = self._mean_and_covariance(reduce)
+        variants = [self.fresh(shrinkage) for shrinkage in shrinkages]
+        for index, variant in enumerate(variants):  # the last one takes the covariance itself, the others a copy
+            variant._set_statistics(mean, covariance if index == len(variants) - 1 else covariance.clone())
+        return variants
+
+    def _mean_and_covariance(
+        self, reduce: Callable[[torch.Tensor], torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``(L, D)`` and covariance ``(L, D, D)`` per location (float64) from the running sums, which it frees."""
         if reduce is not None:
             self.count = reduce(self.count)
             self.running_sum = reduce(self.running_sum)
@@ -140,9 +179,17 @@ class StreamingGaussian(DynamicBufferMixin):
         samples = count * self._neighbours(self.running_sum)
         mean = self._pooled(self.running_sum) / count
         covariance = self._pooled(self.running_outer)
-        self.running_outer = None
+        self.reset()
         covariance.baddbmm_(mean.unsqueeze(2), mean.unsqueeze(1), alpha=-count)  # scatter around the mean
         covariance.mul_((samples / count / (samples - 1.0).clamp_min(1.0))[:, None, None])
+        return mean, covariance
+
+    def _set_statistics(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
+        """Shrink, regularise and invert the covariance (in place) into the stored mean and precision."""
+        if self.shrinkage > 0:
+            shared = covariance.mean(dim=0)
+            covariance.mul_(1.0 - self.shrinkage).add_(shared, alpha=self.shrinkage)
+            del shared
         diagonal = torch.diagonal(covariance, dim1=1, dim2=2)
         ridge = self.regularization * diagonal.clamp_min(0).mean() + 1e-6
         diagonal.add_(ridge)
@@ -156,7 +203,6 @@ class StreamingGaussian(DynamicBufferMixin):
         self.precision = precision.div_(scale[:, None, None]).to(self.storage_dtype)
         del precision
         self.precision_scale = scale.float()
-        self.reset()
 
     def _pooled(self, sums: torch.Tensor, count_include_pad: bool = False) -> torch.Tensor:
         """Average per-location sums ``(L, ...)`` over each location's neighbourhood on the grid."""

@@ -87,6 +87,9 @@ class FocusDist(ExportChecks, AnomalibModule):
         statistics_neighbourhood (int): Each location's Gaussian is fitted on the samples of this square of
             neighbouring locations (9x the samples at 3; ``1``: its own only). Defaults to ``3``.
         statistics_dtype (str): Precision matrices stored as ``"float16"`` or ``"float32"``. Defaults to ``"float16"``.
+        covariance_shrinkage (float): Weight of the mean covariance over all locations in every location's covariance,
+            used only where it scores held-back training images with synthetic anomalies better than each location's
+            own (it helps textures, whose positions are exchangeable); ``0`` never shrinks. Defaults to ``0.3``.
         blur_sigma (float): Standard deviation of the anomaly-map blur, in input pixels. Defaults to ``4.0``.
         pre_processor (nn.Module | bool): Pre-processor, or ``True`` for the default (resize to 256, normalise).
         post_processor (nn.Module | bool): Post-processor, or ``True`` for the default.
@@ -125,6 +128,7 @@ class FocusDist(ExportChecks, AnomalibModule):
         regularization: float = 0.01,
         statistics_neighbourhood: int = 3,
         statistics_dtype: str = "float16",
+        covariance_shrinkage: float = 0.3,
         blur_sigma: float = 4.0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -153,6 +157,7 @@ class FocusDist(ExportChecks, AnomalibModule):
             regularization=regularization,
             statistics_neighbourhood=statistics_neighbourhood,
             statistics_dtype=statistics_dtype,
+            covariance_shrinkage=covariance_shrinkage,
             blur_sigma=blur_sigma,
         )
         self.loss = FocusDistLoss(ica_weight=ica_weight)

@@ -24,7 +24,7 @@ from .alignment import AlignedFeatures, SimilarityTransformer, compose_theta, fe
 from .anomaly_map import AnomalyMapGenerator
 from .arguments import check_model_arguments
 from .backbone import NonFiniteImages, checked_images, create_feature_extractor, feature_module
-from .gate import AlignmentGate, Reduce, choose_frame
+from .gate import AlignmentGate, Reduce, choose_scoring
 from .gaussian import StreamingGaussian, channel_subset
 from .loss import NCLHead, TrainingOutput, at_most_grid
 
@@ -61,6 +61,9 @@ class FocusDistModel(nn.Module):
         statistics_neighbourhood (int): Each location's Gaussian is fitted on the samples of this square of
             neighbouring locations (9x the samples at 3; ``1`` uses its own only).
         statistics_dtype (str): ``"float16"`` or ``"float32"``, storage of the precision matrices.
+        covariance_shrinkage (float): Weight of the mean covariance over all locations in each location's, used
+            where it scores held-back training images with synthetic anomalies better than none (:mod:`.gate`);
+            ``0`` keeps each location's own covariance.
         blur_sigma (float): Standard deviation of the anomaly-map blur, in input pixels.
 
     Example:
@@ -88,6 +91,7 @@ class FocusDistModel(nn.Module):
         regularization: float = 0.01,
         statistics_neighbourhood: int = 3,
         statistics_dtype: str = "float16",
+        covariance_shrinkage: float = 0.3,
         blur_sigma: float = 4.0,
     ) -> None:
         super().__init__()
@@ -112,7 +116,9 @@ class FocusDistModel(nn.Module):
                 feature_module(self.feature_extractor, layer).register_forward_hook(hook)
         self.register_buffer("feature_index", channel_subset(sum(channels), n_features))
         self.feature_index: torch.Tensor
-        self.gaussian = StreamingGaussian(regularization, statistics_dtype, statistics_neighbourhood)
+        self.covariance_shrinkage = covariance_shrinkage  # the candidate; gaussian.shrinkage is the one chosen
+        statistics = (regularization, statistics_dtype, statistics_neighbourhood, covariance_shrinkage)
+        self.gaussian = StreamingGaussian(*statistics)  # checks the numbers now, before any training
         self.anomaly_map_generator = AnomalyMapGenerator(blur_sigma)
         NonFiniteImages().attach(self)  # evaluation: an image with NaN/Inf pixels scores as anomalous, alone
         # Lightning 2.6 starts fitting in whatever mode the modules are in, so freeze BatchNorm now, not on .train()
@@ -228,8 +234,9 @@ class FocusDistModel(nn.Module):
     def fit_statistics(self, batches: Iterable[torch.Tensor], reduce: Reduce | None = None) -> None:
         """Fit what scoring needs from the training images: the alignment gate's decision, then the Gaussian.
 
-        With the gate, two passes over ``batches``: the gate compares the input and the aligned frame on held-back
-        images (:func:`.gate.choose_frame`), and the Gaussian is fitted on all images in the frame it chose.
+        Two passes over ``batches`` when there is a choice: the input or the aligned frame, with or without covariance
+        shrinkage, compared on held-back images (:func:`.gate.choose_scoring`); then the Gaussian is fitted on all
+        images as chosen.
         Runs in evaluation mode without gradients and restores the training mode.
 
         Args:
@@ -250,8 +257,8 @@ class FocusDistModel(nn.Module):
         self.eval()
         # not in inference mode: the fitted buffers must stay ordinary tensors that later training can update
         with torch.inference_mode(False), torch.no_grad():
-            if self.alignment_gate is not None:
-                choose_frame(self, batches, reduce)
+            if self.alignment_gate is not None or self.covariance_shrinkage > 0:
+                choose_scoring(self, batches, reduce)
             self.gaussian.reset()
             for images in batches:
                 self.gaussian.update(self.embed(images)[0])
