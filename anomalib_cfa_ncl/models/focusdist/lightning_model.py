@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import check_checkpoint, checkpoint_file
 from .export import ExportChecks, check_input_grid
 from .loss import FocusDistLoss
+from .post_processor import FocusDistPostProcessor
 from .torch_model import FocusDistModel
 from .visualization import AlignmentVisualizer
 
@@ -255,6 +256,10 @@ class FocusDist(ExportChecks, AnomalibModule):
         images = TrainingImages(statistics_dataloader(self.trainer), transform, self.device)
         self.model.fit_statistics(images, reduce)
         self._statistics_stale = False
+
+    def configure_post_processor(self) -> FocusDistPostProcessor:
+        """Anomalib's post-processor with thresholds halfway between two validation scores (:mod:`.post_processor`)."""
+        return FocusDistPostProcessor()
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> FocusDist:  # type: ignore[override]
