@@ -145,6 +145,7 @@ def run(name: str, category: str, args: argparse.Namespace) -> dict:
     if gate is not None:  # which frame the alignment gate chose, on the training images alone
         result["alignment_kept"] = bool(gate.enabled)
         result["gate_separation"] = gate.separation.tolist()
+        result["gate_wins"] = gate.wins  # share of the held-back resamples in which the aligned frame won
     if focusdist:  # the covariance shrinkage chosen on the training images alone
         result["covariance_shrinkage"] = model.model.gaussian.shrinkage
     if curve:

@@ -6,7 +6,8 @@ zoomed and shifted towards a common blotch. The gate therefore asks the question
 After training, every ``HELD_BACK_EVERY``-th training image (at most ``MAX_HELD_BACK``) is held back, a Gaussian is
 fitted on the rest in the input frame and another in the aligned frame, and the held-back images are scored in both
 frames, as they are and with a synthetic anomaly (anomalib's Perlin-noise generator, unlike any test defect). The
-frame whose scores separate the two better (image AUROC plus pixel AUROC) is used in evaluation.
+aligned frame is used in evaluation only if its scores separate the two better (image AUROC plus pixel AUROC) in at
+least 95 % of bootstrap resamples of the held-back images; with 30 images a margin of a few hundredths is noise.
 
 The same held-back images decide the covariance shrinkage: each frame's Gaussian is finalised once with each
 location's own covariance and once shrunk towards the mean covariance over all locations. On textures, whose
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from torch import nn
 from torchmetrics.functional.classification import binary_auroc
@@ -39,6 +41,10 @@ HELD_BACK_EVERY = 5  # every fifth training image is held back to choose the fra
 MAX_HELD_BACK = 32  # bounds the memory of the held-back images, independent of the training set's size
 MIN_HELD_BACK = 2  # fewer held-back images say nothing: keep the input frame
 PERLIN_SEED = 0
+RESAMPLES = 100  # bootstrap resamples of the held-back images behind every decision
+CONFIDENCE = 0.95  # the less simple candidate must separate better in this share of the resamples
+BOOTSTRAP_SEED = 0
+MAP_SIDE = 64  # maps are averaged down to at most this side for the pixel AUROCs (their cost)
 
 
 class AlignmentGate(nn.Module):
@@ -46,7 +52,7 @@ class AlignmentGate(nn.Module):
 
     Example:
         >>> gate = AlignmentGate()
-        >>> gate.decide(torch.tensor([1.6, 1.8]), images_held_back=30)
+        >>> gate.decide(torch.tensor([1.6, 1.8]), images_held_back=30, wins=0.99)
         >>> bool(gate.enabled)
         True
         >>> gate(torch.zeros(1, 2, 3))[0]
@@ -61,6 +67,7 @@ class AlignmentGate(nn.Module):
         self.register_buffer("separation", torch.full((2,), float("nan")))  # input frame, aligned frame
         self.enabled: torch.Tensor
         self.separation: torch.Tensor
+        self.wins: float | None = None  # share of resamples the aligned frame won (the last decision; not saved)
 
     @contextmanager
     def frame(self, aligned: bool) -> Iterator[None]:
@@ -72,13 +79,15 @@ class AlignmentGate(nn.Module):
         finally:
             self.enabled.copy_(decided)
 
-    def decide(self, separation: torch.Tensor | None, images_held_back: int) -> None:
-        """Keep the alignment if it separates the held-back images better than the input frame (ties: input frame).
+    def decide(self, separation: torch.Tensor | None, images_held_back: int, wins: float = 0.0) -> None:
+        """Keep the alignment if it separates the held-back images better beyond their noise (else: input frame).
 
         Args:
             separation (torch.Tensor | None): Image plus pixel AUROC in the input and the aligned frame, ``(2,)``;
                 ``None`` when too few images could be held back.
             images_held_back (int): How many training images the separation was measured on (for the log).
+            wins (float): Share of the bootstrap resamples of those images in which the aligned frame separated
+                better; the alignment is kept from ``CONFIDENCE`` on.
 
         """
         if separation is None:
@@ -93,13 +102,18 @@ class AlignmentGate(nn.Module):
             )
             return
         self.separation.copy_(separation)
-        self.enabled.fill_(bool(separation[1] > separation[0]))
+        self.wins = wins
+        self.enabled.fill_(wins >= CONFIDENCE)
         logger.info(
             "FocusDist: on %d held-back training images with synthetic anomalies, image + pixel AUROC is %.3f in the "
-            "input frame and %.3f in the aligned frame: %s.",
+            "input frame and %.3f in the aligned frame, which was better in %.0f %% of %d resamples of the images "
+            "(%.0f %% needed): %s.",
             images_held_back,
             float(separation[0]),
             float(separation[1]),
+            100 * wins,
+            RESAMPLES,
+            100 * CONFIDENCE,
             "image alignment kept" if self.enabled else "input frame used",
         )
 
@@ -159,7 +173,44 @@ def separation(
     labels = torch.cat([torch.zeros_like(normal[0]), torch.ones_like(anomalous[0])]).long()
     pixels = torch.cat([normal[1].flatten(), anomalous[1].flatten()])
     pixel_labels = torch.cat([torch.zeros_like(normal[1], dtype=torch.long).flatten(), masks.long().flatten()])
-    return binary_auroc(scores, labels) + binary_auroc(pixels, pixel_labels)
+    return _auroc(scores, labels) + _auroc(pixels, pixel_labels)
+
+
+def resampled_separations(
+    normal: tuple[torch.Tensor, torch.Tensor],
+    anomalous: tuple[torch.Tensor, torch.Tensor],
+    masks: torch.Tensor,
+    resamples: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`separation` of all images and of each bootstrap resample of them (normal and anomalous paired).
+
+    Args:
+        normal (tuple[torch.Tensor, torch.Tensor]): Scores ``(B,)`` and maps ``(B, H, W)`` of the normal images.
+        anomalous (tuple[torch.Tensor, torch.Tensor]): Scores and maps of the same images with an anomaly.
+        masks (torch.Tensor): Anomaly masks, ``(B, H, W)``.
+        resamples (torch.Tensor): Image indices of each resample, ``(R, B)``.
+
+    Returns:
+        torch.Tensor: Separation of all images, then of each resample, ``(R + 1,)``.
+
+    """
+    side = (min(masks.shape[-2], MAP_SIDE), min(masks.shape[-1], MAP_SIDE))
+    normal_maps, anomalous_maps = (F.adaptive_avg_pool2d(maps, side) for maps in (normal[1], anomalous[1]))
+    masks = F.adaptive_avg_pool2d(masks.float(), side) > 0.5
+    rows = [torch.arange(masks.shape[0], device=masks.device), *resamples]
+    return torch.stack(
+        [separation((normal[0][i], normal_maps[i]), (anomalous[0][i], anomalous_maps[i]), masks[i]) for i in rows]
+    )
+
+
+def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """AUROC of non-negative scores, e.g. distances.
+
+    torchmetrics passes values outside ``[0, 1]`` through a sigmoid, which rounds every distance above about 17 to
+    1.0 in float32 and ties them: the gate then compared AUROCs near 0.5 whatever the scores. Dividing by the largest
+    score keeps their order.
+    """
+    return binary_auroc(scores / scores.max().clamp_min(torch.finfo(scores.dtype).tiny), labels)
 
 
 def choose_scoring(model: FocusDistModel, batches: Iterable[torch.Tensor], reduce: Reduce | None = None) -> None:
@@ -167,9 +218,11 @@ def choose_scoring(model: FocusDistModel, batches: Iterable[torch.Tensor], reduc
 
     The candidates are every frame the gate may choose (the input frame, the aligned frame; only the model's own
     frame without a gate) with every shrinkage (none and ``model.covariance_shrinkage``). One pass over the images:
-    the held-back images are scored under each candidate fitted on the rest, and the best one is kept; a tie keeps
-    the earlier candidate (input frame, no shrinkage first). Runs in evaluation mode without gradients (inside
-    :meth:`FocusDistModel.fit_statistics`); sets ``model.alignment_gate`` and ``model.gaussian.shrinkage``.
+    the held-back images are scored under each candidate fitted on the rest. A less simple choice (the aligned frame,
+    then the shrinkage in the chosen frame) is kept only where it separates better in at least ``CONFIDENCE`` of
+    ``RESAMPLES`` bootstrap resamples of the held-back images: a difference within their noise is no difference.
+    Runs in evaluation mode without gradients (inside :meth:`FocusDistModel.fit_statistics`); sets
+    ``model.alignment_gate`` and ``model.gaussian.shrinkage``.
 
     Args:
         model (FocusDistModel): The trained model.
@@ -201,27 +254,43 @@ def choose_scoring(model: FocusDistModel, batches: Iterable[torch.Tensor], reduc
         return
     normal = torch.cat(held_back)
     anomalous, masks = synthetic_anomalies(normal)
+    resamples = torch.randint(held, (RESAMPLES, held), generator=torch.Generator().manual_seed(BOOTSTRAP_SEED))
     results = []
     for aligned, gaussian in gaussians.items():
         for variant in gaussian.finalize_variants(shrinkages, reduce):
             with _frame(gate, aligned):
                 scored = [_score(model, variant, images) for images in (normal, anomalous)]
-            results.append(separation(*scored, masks) * held)
-    total = torch.stack(results).to(torch.float64)
-    total = (reduce(total) if reduce is not None else total) / counts[0]
-    by_frame = total.view(len(frames), len(shrinkages)).float()
-    if gate is not None:
-        gate.decide(by_frame.amax(dim=1), int(counts[0]))
-    chosen_frame = int(gate.enabled) if gate is not None else 0
-    model.gaussian.shrinkage = shrinkages[int(by_frame[chosen_frame].argmax())]  # argmax: the first of equals
+            results.append(resampled_separations(*scored, masks, resamples.to(normal.device)) * held)
+    total = torch.stack(results, dim=1).to(torch.float64)  # (R + 1, candidates), weighted by each process's images
+    total = ((reduce(total) if reduce is not None else total) / counts[0]).float()
+    total = total.view(RESAMPLES + 1, len(frames), len(shrinkages))
+    chosen_frame = 0
+    if gate is not None:  # the better of each frame's candidates, resample by resample
+        best = total.amax(dim=2)
+        gate.decide(best[0], int(counts[0]), _share_better(best[1:, 1], best[1:, 0]))
+        chosen_frame = int(gate.enabled)
+    in_frame = total[:, chosen_frame]
+    model.gaussian.shrinkage = 0.0
     if len(shrinkages) > 1:
+        wins = _share_better(in_frame[1:, 1], in_frame[1:, 0])
+        model.gaussian.shrinkage = shrinkages[1] if wins >= CONFIDENCE else 0.0
         logger.info(
-            "FocusDist: in the chosen frame, image + pixel AUROC of the held-back images is %s with covariance "
-            "shrinkage %s: shrinkage %g used.",
-            " and ".join(f"{value:.3f}" for value in by_frame[chosen_frame].tolist()),
-            " and ".join(f"{value:g}" for value in shrinkages),
+            "FocusDist: in the chosen frame, image + pixel AUROC of the held-back images is %.3f with each location's "
+            "own covariance and %.3f with covariance shrinkage %g, which was better in %.0f %% of %d resamples "
+            "(%.0f %% needed): shrinkage %g used.",
+            float(in_frame[0, 0]),
+            float(in_frame[0, 1]),
+            shrinkages[1],
+            100 * wins,
+            RESAMPLES,
+            100 * CONFIDENCE,
             model.gaussian.shrinkage,
         )
+
+
+def _share_better(candidate: torch.Tensor, simpler: torch.Tensor) -> float:
+    """Share of the resamples in which ``candidate`` separates better than ``simpler``, both ``(R,)``."""
+    return float((candidate > simpler).float().mean())
 
 
 @contextmanager
