@@ -45,3 +45,11 @@ def test_focusdist_uses_the_midpoint_thresholds() -> None:
     assert isinstance(post_processor, FocusDistPostProcessor)
     assert isinstance(post_processor._image_threshold_metric, MidpointF1AdaptiveThreshold)
     assert isinstance(post_processor._pixel_threshold_metric, MidpointF1AdaptiveThreshold)
+
+
+def test_threshold_at_the_lowest_score_stays_there() -> None:
+    """F1 peaks with every image anomalous: no score lies below the threshold to meet halfway."""
+    scores, labels = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([1, 0, 1])
+    anomalib_value = _threshold(F1AdaptiveThreshold, scores, labels)
+    assert anomalib_value == scores.min()
+    assert _threshold(MidpointF1AdaptiveThreshold, scores, labels) == anomalib_value

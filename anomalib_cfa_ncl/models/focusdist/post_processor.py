@@ -35,9 +35,10 @@ class MidpointF1AdaptiveThreshold(F1AdaptiveThreshold):
             return value  # binned statistics, or one class only: anomalib's fallback stands
         scores = dim_zero_cat(self.preds)
         below = scores[scores < value]
-        if below.numel() > 0:
-            self.value = (value + below.max()) / 2
-        return self.value
+        if below.numel() > 0:  # none below: the threshold is the lowest score, every image is anomalous
+            value = (value + below.max()) / 2
+        self.value = value
+        return value
 
 
 class FocusDistPostProcessor(PostProcessor):
