@@ -257,9 +257,10 @@ def choose_scoring(model: FocusDistModel, batches: Iterable[torch.Tensor], reduc
     resamples = torch.randint(held, (RESAMPLES, held), generator=torch.Generator().manual_seed(BOOTSTRAP_SEED))
     results = []
     for aligned, gaussian in gaussians.items():
+        with _frame(gate, aligned):  # one backbone pass per frame; its shrinkage variants share the embeddings
+            embedded = [model.embed(images) for images in (normal, anomalous)]
         for variant in gaussian.finalize_variants(shrinkages, reduce):
-            with _frame(gate, aligned):
-                scored = [_score(model, variant, images) for images in (normal, anomalous)]
+            scored = [_score(model, variant, *pair, normal.shape[-2:]) for pair in embedded]
             results.append(resampled_separations(*scored, masks, resamples.to(normal.device)) * held)
     total = torch.stack(results, dim=1).to(torch.float64)  # (R + 1, candidates), weighted by each process's images
     total = ((reduce(total) if reduce is not None else total) / counts[0]).float()
@@ -304,9 +305,12 @@ def _frame(gate: AlignmentGate | None, aligned: bool | None) -> Iterator[None]:
 
 
 def _score(
-    model: FocusDistModel, gaussian: StreamingGaussian, images: torch.Tensor
+    model: FocusDistModel,
+    gaussian: StreamingGaussian,
+    embedding: torch.Tensor,
+    theta: torch.Tensor,
+    image_size: tuple[int, int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image scores ``(B,)`` and anomaly maps ``(B, H, W)`` of images under one frame's Gaussian."""
-    embedding, theta = model.embed(images)
-    anomaly_map = model.anomaly_map_generator(gaussian.mahalanobis(embedding), theta, images.shape[-2:])[:, 0]
+    """Image scores ``(B,)`` and anomaly maps ``(B, H, W)`` of embedded images ``(B, D, h, w)`` under a Gaussian."""
+    anomaly_map = model.anomaly_map_generator(gaussian.mahalanobis(embedding), theta, image_size)[:, 0]
     return anomaly_map.amax(dim=(-2, -1)), anomaly_map
