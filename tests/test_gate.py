@@ -13,7 +13,8 @@ from torch import nn
 
 from anomalib_cfa_ncl import FocusDistModel
 from anomalib_cfa_ncl.models.focusdist.alignment import similarity_theta, warp
-from anomalib_cfa_ncl.models.focusdist.gate import MAX_HELD_BACK, held_back_mask, separation
+from anomalib_cfa_ncl.models.focusdist.gate import MAX_HELD_BACK, cross_calibrated, held_back_mask, separation
+from anomalib_cfa_ncl.models.focusdist.gaussian import calibration_scale
 
 SIZE = 64
 
@@ -62,7 +63,7 @@ def test_held_back_images_are_every_fifth_and_bounded() -> None:
 
 
 def test_gate_keeps_an_alignment_that_undoes_the_poses() -> None:
-    images, undo = _posed(80, strength=1.0)  # 16 held back: enough to tell beyond noise
+    images, undo = _posed(120, strength=1.0)  # 24 held back: enough to tell beyond noise, calibrated or not
     model = _model_with_poses(images, undo)
     model.fit_statistics([images])
     separation_input, separation_aligned = model.alignment_gate.separation.tolist()
@@ -103,10 +104,15 @@ def test_gate_keeps_the_input_frame_for_identical_images() -> None:
     assert not bool(model.alignment_gate.enabled)
 
 
-def _unaligned_model(shrinkage: float = 0.3) -> FocusDistModel:
+def _unaligned_model(shrinkage: float = 0.3, calibration: bool = True) -> FocusDistModel:
     torch.manual_seed(0)
     return FocusDistModel(
-        backbone="resnet18", pre_trained=False, image_alignment=False, n_features=64, covariance_shrinkage=shrinkage
+        backbone="resnet18",
+        pre_trained=False,
+        image_alignment=False,
+        n_features=64,
+        covariance_shrinkage=shrinkage,
+        distance_calibration=calibration,
     )
 
 
@@ -138,11 +144,47 @@ def test_identical_images_keep_each_locations_own_covariance() -> None:
     assert model.gaussian.shrinkage == 0.0
 
 
-def test_without_shrinkage_and_gate_no_image_is_held_back(monkeypatch) -> None:
-    model = _unaligned_model(shrinkage=0.0)
+def test_without_shrinkage_gate_and_calibration_no_image_is_held_back(monkeypatch) -> None:
+    model = _unaligned_model(shrinkage=0.0, calibration=False)
     monkeypatch.setattr("anomalib_cfa_ncl.models.focusdist.torch_model.choose_scoring", _fail)
     model.fit_statistics([torch.rand(10, 3, SIZE, SIZE)])  # one pass, nothing to decide
     assert model.gaussian.is_fitted
+    assert bool((model.gaussian.location_scale == 1).all())
+
+
+def test_calibration_evens_out_the_normal_distances_of_the_border() -> None:
+    """Held-back normal images score higher at the border; calibrated, their border and interior score alike."""
+    images = _noise_texture(60)
+    profiles = {}
+    for calibration in (False, True):
+        model = _unaligned_model(shrinkage=0.0, calibration=calibration)
+        model.fit_statistics([images])
+        with torch.no_grad():
+            distance = model.gaussian.mahalanobis(model.embed(_noise_texture(20, seed=1))[0]).mean(dim=0)
+        ring = torch.ones_like(distance, dtype=torch.bool)
+        ring[1:-1, 1:-1] = False
+        profiles[calibration] = float(distance[ring].mean() / distance[~ring].mean())
+    assert profiles[False] > 1.1  # the problem: the border of unseen normal images scores higher
+    assert abs(profiles[True] - 1.0) < abs(profiles[False] - 1.0) / 2
+
+
+def test_calibration_is_cross_fitted_no_image_calibrates_itself() -> None:
+    """Each held-back image is divided by the scale of the images of the other parity only."""
+    normal = torch.ones(4, 2, 2)
+    normal[1::2, 0, 0] = 3.0  # odd images: location 0 is three times as far
+    anomalous = 2 * normal
+    calibrated_normal, calibrated_anomalous = cross_calibrated(normal, anomalous)
+    odd_scale = calibration_scale(normal[1::2].sum(0), 2).view(2, 2)  # mean distances 3, 1, 1, 1 -> 2, 2/3, ...
+    torch.testing.assert_close(calibrated_normal[0], normal[0] / odd_scale)
+    torch.testing.assert_close(calibrated_normal[1], normal[1])  # even images are all ones: scale 1
+    torch.testing.assert_close(calibrated_anomalous, 2 * calibrated_normal)
+
+
+def _noise_texture(count: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random texture crops: every position alike, so only the border differs."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand(count, 3, SIZE // 4, SIZE // 4, generator=generator)
+    return F.interpolate(noise, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
 
 
 def _fail(*_args: object) -> None:

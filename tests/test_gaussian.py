@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomalib_cfa_ncl.models.focusdist.gaussian import StreamingGaussian
+from anomalib_cfa_ncl.models.focusdist.gaussian import SCALE_BOUNDS, StreamingGaussian, calibration_scale
 
 
 def _reference(samples: np.ndarray, regularization: float) -> tuple[np.ndarray, np.ndarray]:
@@ -131,3 +131,28 @@ def test_variants_from_one_set_of_sums_equal_separate_fits() -> None:
 def test_shrinkage_outside_zero_to_one_is_refused(shrinkage: float) -> None:
     with pytest.raises(ValueError, match=r"covariance_shrinkage must lie in \[0, 1\]"):
         StreamingGaussian(shrinkage=shrinkage)
+
+
+def test_calibration_divides_each_locations_distance_and_checks_its_scale() -> None:
+    gaussian = StreamingGaussian(storage_dtype="float32")
+    gaussian.update(torch.randn(20, 4, 2, 3))
+    gaussian.finalize()
+    x = torch.randn(2, 4, 2, 3)
+    raw = gaussian.mahalanobis(x)
+    scale = torch.tensor([1.0, 2.0, 0.5, 1.0, 1.0, 4.0])
+    gaussian.calibrate(scale)
+    torch.testing.assert_close(gaussian.mahalanobis(x), raw / scale.view(2, 3))
+    with pytest.raises(ValueError, match="one scale per fitted location"):
+        gaussian.calibrate(torch.ones(5))
+    with pytest.raises(ValueError, match="positive"):
+        gaussian.calibrate(torch.zeros(6))
+    with pytest.raises(ValueError, match="fit the Gaussian first"):
+        StreamingGaussian().calibrate(torch.ones(6))
+
+
+def test_calibration_scale_is_relative_bounded_and_neutral_without_distances() -> None:
+    torch.testing.assert_close(calibration_scale(torch.tensor([[2.0, 6.0]]), 2), torch.tensor([0.5, 1.5]))
+    near_zero = calibration_scale(torch.tensor([[1e-6, 10.0, 10.0, 10.0]]), 1)
+    assert float(near_zero.min()) == SCALE_BOUNDS[0]  # a constant background is not magnified
+    assert bool((calibration_scale(torch.zeros(2, 2), 3) == 1).all())
+    assert bool((calibration_scale(torch.ones(2, 2), 0) == 1).all())

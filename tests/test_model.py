@@ -12,6 +12,7 @@ from skimage import data as skimage_data
 
 from anomalib_cfa_ncl import FocusDist, FocusDistModel
 from anomalib_cfa_ncl.models.focusdist.alignment import warp
+from anomalib_cfa_ncl.models.focusdist.checkpoint import CALIBRATION_KEY
 
 from .helpers import tiny_datamodule, tiny_engine, tiny_model
 
@@ -72,6 +73,15 @@ def test_fit_then_reload_from_checkpoint_gives_identical_scores(stages, tiny_dat
         first, second = model(images), reloaded(images)
     assert torch.equal(first.pred_score, second.pred_score)
     assert torch.equal(first.anomaly_map, second.anomaly_map)
+    if not stages:  # a 0.1.0 checkpoint has no distance calibration: it loads and scores uncalibrated, as fitted
+        assert not bool((model.model.gaussian.location_scale == 1).all())
+        old = torch.load(checkpoint, weights_only=False)
+        del old["state_dict"][CALIBRATION_KEY]
+        torch.save(old, tmp_path / "old.ckpt")
+        legacy = FocusDist.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu").eval()
+        model.model.gaussian.location_scale.fill_(1.0)
+        with torch.no_grad():
+            assert torch.equal(legacy(images).anomaly_map, model(images).anomaly_map)
 
 
 def test_unfitted_model_says_what_to_do() -> None:

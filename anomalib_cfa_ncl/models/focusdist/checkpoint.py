@@ -10,6 +10,7 @@ import torch
 
 # a key only a FocusDist checkpoint has: it tells our checkpoints from other models' ones
 SIGNATURE_KEY = "model.gaussian.precision_scale"
+CALIBRATION_KEY = "model.gaussian.location_scale"  # 0.1.0 checkpoints lack it
 
 
 def check_checkpoint(checkpoint: dict[str, Any]) -> None:
@@ -20,6 +21,13 @@ def check_checkpoint(checkpoint: dict[str, Any]) -> None:
             "model class that wrote it, or train FocusDist first."
         )
         raise ValueError(msg)
+
+
+def upgrade_checkpoint(checkpoint: dict[str, Any]) -> None:
+    """Give a checkpoint written before the distance calibration existed a neutral one, so it scores as it did."""
+    state = checkpoint["state_dict"]
+    if CALIBRATION_KEY not in state:
+        state[CALIBRATION_KEY] = torch.ones_like(state[SIGNATURE_KEY])
 
 
 def checkpoint_file(path: str | Path) -> Path:

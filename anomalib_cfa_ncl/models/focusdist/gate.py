@@ -13,6 +13,11 @@ The same held-back images decide the covariance shrinkage: each frame's Gaussian
 location's own covariance and once shrunk towards the mean covariance over all locations. On textures, whose
 positions are exchangeable, sharing the covariance's shape lends every location the samples of all others; on parts
 in a fixed pose each location's own covariance can be the better one.
+
+The held-back images also calibrate the distances (``distance_calibration``): each location's distance is divided by
+the mean distance of held-back normal images there, relative to all locations (:func:`.gaussian.calibration_scale`).
+Normal images score higher at the border, where each location's Gaussian has fewer samples and the backbone's zero
+padding changes the features; calibrated, a border location needs the same surprise as an interior one.
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ from torch import nn
 from torchmetrics.functional.classification import binary_auroc
 
 from .alignment import identity_theta
+from .gaussian import calibration_scale
 
 if TYPE_CHECKING:
-    from .gaussian import StreamingGaussian
     from .torch_model import FocusDistModel
 
 logger = logging.getLogger(__name__)
@@ -213,14 +218,19 @@ def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return binary_auroc(scores / scores.max().clamp_min(torch.finfo(scores.dtype).tiny), labels)
 
 
-def choose_scoring(model: FocusDistModel, batches: Iterable[torch.Tensor], reduce: Reduce | None = None) -> None:
-    """Decide, on its training images, the frame ``model`` scores in and the covariance shrinkage of its Gaussian.
+def choose_scoring(
+    model: FocusDistModel, batches: Iterable[torch.Tensor], reduce: Reduce | None = None
+) -> torch.Tensor | None:
+    """Decide, on its training images, the frame ``model`` scores in, its covariance shrinkage and distance calibration.
 
     The candidates are every frame the gate may choose (the input frame, the aligned frame; only the model's own
     frame without a gate) with every shrinkage (none and ``model.covariance_shrinkage``). One pass over the images:
     the held-back images are scored under each candidate fitted on the rest. A less simple choice (the aligned frame,
     then the shrinkage in the chosen frame) is kept only where it separates better in at least ``CONFIDENCE`` of
     ``RESAMPLES`` bootstrap resamples of the held-back images: a difference within their noise is no difference.
+    With ``model.distance_calibration`` every candidate is judged calibrated as it will be used, each half of the
+    held-back images by the other half's mean distances (cross-fitting: no image calibrates its own score), and the
+    chosen candidate's mean distances over all held-back images become the calibration returned.
     Runs in evaluation mode without gradients (inside :meth:`FocusDistModel.fit_statistics`); sets
     ``model.alignment_gate`` and ``model.gaussian.shrinkage``.
 
@@ -228,6 +238,10 @@ def choose_scoring(model: FocusDistModel, batches: Iterable[torch.Tensor], reduc
         model (FocusDistModel): The trained model.
         batches (Iterable[torch.Tensor]): Pre-processed training images without augmentation, ``(B, 3, H, W)``.
         reduce (Callable | None): Sums a tensor over processes (distributed training); ``None`` in one process.
+
+    Returns:
+        torch.Tensor | None: The calibration scale per location ``(L,)`` for
+        :meth:`~.gaussian.StreamingGaussian.calibrate`; ``None`` without calibration or with too few images.
 
     """
     gate = model.alignment_gate
@@ -251,16 +265,26 @@ def choose_scoring(model: FocusDistModel, batches: Iterable[torch.Tensor], reduc
         model.gaussian.shrinkage = 0.0
         if gate is not None:
             gate.decide(None, int(counts[0]))
-        return
+        elif model.distance_calibration:
+            logger.info("FocusDist: too few training images to hold some back: the distances are not calibrated.")
+        return None
     normal = torch.cat(held_back)
     anomalous, masks = synthetic_anomalies(normal)
     resamples = torch.randint(held, (RESAMPLES, held), generator=torch.Generator().manual_seed(BOOTSTRAP_SEED))
-    results = []
+    results, scales = [], []
     for aligned, gaussian in gaussians.items():
         with _frame(gate, aligned):  # one backbone pass per frame; its shrinkage variants share the embeddings
             embedded = [model.embed(images) for images in (normal, anomalous)]
         for variant in gaussian.finalize_variants(shrinkages, reduce):
-            scored = [_score(model, variant, *pair, normal.shape[-2:]) for pair in embedded]
+            distances = [variant.mahalanobis(embedding) for embedding, _ in embedded]
+            grid = tuple(distances[0].shape[-2:])
+            scales.append(calibration_scale(_summed(distances[0], reduce), float(counts[0])))
+            if model.distance_calibration:
+                distances = cross_calibrated(*distances, reduce)
+            scored = [
+                _maps(model, distance, theta, normal.shape[-2:])
+                for distance, (_, theta) in zip(distances, embedded, strict=True)
+            ]
             results.append(resampled_separations(*scored, masks, resamples.to(normal.device)) * held)
     total = torch.stack(results, dim=1).to(torch.float64)  # (R + 1, candidates), weighted by each process's images
     total = ((reduce(total) if reduce is not None else total) / counts[0]).float()
@@ -287,6 +311,55 @@ def choose_scoring(model: FocusDistModel, batches: Iterable[torch.Tensor], reduc
             100 * CONFIDENCE,
             model.gaussian.shrinkage,
         )
+    if not model.distance_calibration:
+        return None
+    scale = scales[chosen_frame * len(shrinkages) + shrinkages.index(model.gaussian.shrinkage)]
+    logger.info(
+        "FocusDist: distances calibrated by the held-back images' mean distance per location (scale %.2f to %.2f, "
+        "border locations %.2f on average).",
+        float(scale.min()),
+        float(scale.max()),
+        float(_border_mean(scale, grid)),
+    )
+    return scale
+
+
+def cross_calibrated(
+    normal: torch.Tensor, anomalous: torch.Tensor, reduce: Reduce | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibrate held-back distances half by half, each half by the other half's normal distances.
+
+    Args:
+        normal (torch.Tensor): Distances of the held-back normal images, ``(B, h, w)``.
+        anomalous (torch.Tensor): Distances of the same images with a synthetic anomaly, ``(B, h, w)``.
+        reduce (Callable | None): Sums a tensor over processes; ``None`` in one process.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: Both calibrated, same shapes. Image ``i`` (the ``i``-th held back in its
+        process) is divided by the scale of the images of the other parity.
+
+    """
+    even = (torch.arange(normal.shape[0], device=normal.device) % 2 == 0)[:, None, None]
+    count = torch.tensor([float(even.sum()), float((~even).sum())], dtype=torch.float64, device=normal.device)
+    count = reduce(count) if reduce is not None else count
+    odd_scale, even_scale = (
+        calibration_scale(_summed(normal[part], reduce), float(n)).view(normal.shape[1:])
+        for part, n in ((~even[:, 0, 0], count[1]), (even[:, 0, 0], count[0]))
+    )
+    return tuple(torch.where(even, d / odd_scale, d / even_scale) for d in (normal, anomalous))
+
+
+def _summed(distance: torch.Tensor, reduce: Reduce | None) -> torch.Tensor:
+    """Sum of distance maps ``(B, h, w)`` over the images of every process, ``(h, w)``."""
+    total = distance.sum(dim=0).to(torch.float64)
+    return (reduce(total) if reduce is not None else total).float()
+
+
+def _border_mean(scale: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """Mean of a per-location scale ``(L,)`` over the outermost ring of its grid ``(h, w)`` (for the log)."""
+    ring = torch.ones(grid, dtype=torch.bool, device=scale.device)
+    ring[1:-1, 1:-1] = False
+    return scale.view(grid)[ring].mean()
 
 
 def _share_better(candidate: torch.Tensor, simpler: torch.Tensor) -> float:
@@ -304,13 +377,9 @@ def _frame(gate: AlignmentGate | None, aligned: bool | None) -> Iterator[None]:
         yield
 
 
-def _score(
-    model: FocusDistModel,
-    gaussian: StreamingGaussian,
-    embedding: torch.Tensor,
-    theta: torch.Tensor,
-    image_size: tuple[int, int],
+def _maps(
+    model: FocusDistModel, distance: torch.Tensor, theta: torch.Tensor, image_size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image scores ``(B,)`` and anomaly maps ``(B, H, W)`` of embedded images ``(B, D, h, w)`` under a Gaussian."""
-    anomaly_map = model.anomaly_map_generator(gaussian.mahalanobis(embedding), theta, image_size)[:, 0]
+    """Image scores ``(B,)`` and anomaly maps ``(B, H, W)`` of distances on the scoring grid ``(B, h, w)``."""
+    anomaly_map = model.anomaly_map_generator(distance, theta, image_size)[:, 0]
     return anomaly_map.amax(dim=(-2, -1)), anomaly_map

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import check_checkpoint, checkpoint_file
+from .checkpoint import check_checkpoint, checkpoint_file, upgrade_checkpoint
 from .export import ExportChecks, check_input_grid
 from .loss import FocusDistLoss
 from .post_processor import FocusDistPostProcessor
@@ -91,6 +91,9 @@ class FocusDist(ExportChecks, AnomalibModule):
         covariance_shrinkage (float): Weight of the mean covariance over all locations in every location's covariance,
             used only where it scores held-back training images with synthetic anomalies better than each location's
             own (it helps textures, whose positions are exchangeable); ``0`` never shrinks. Defaults to ``0.3``.
+        distance_calibration (bool): Divide each location's distance by the mean distance of held-back normal
+            training images there, so that the border, where normal images score higher, does not decide the image
+            score. Defaults to ``True``.
         blur_sigma (float): Standard deviation of the anomaly-map blur, in input pixels. Defaults to ``4.0``.
         pre_processor (nn.Module | bool): Pre-processor, or ``True`` for the default (resize to 256, normalise).
         post_processor (nn.Module | bool): Post-processor, or ``True`` for the default.
@@ -130,6 +133,7 @@ class FocusDist(ExportChecks, AnomalibModule):
         statistics_neighbourhood: int = 3,
         statistics_dtype: str = "float16",
         covariance_shrinkage: float = 0.3,
+        distance_calibration: bool = True,
         blur_sigma: float = 4.0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -159,6 +163,7 @@ class FocusDist(ExportChecks, AnomalibModule):
             statistics_neighbourhood=statistics_neighbourhood,
             statistics_dtype=statistics_dtype,
             covariance_shrinkage=covariance_shrinkage,
+            distance_calibration=distance_calibration,
             blur_sigma=blur_sigma,
         )
         self.loss = FocusDistLoss(ica_weight=ica_weight)
@@ -275,6 +280,7 @@ class FocusDist(ExportChecks, AnomalibModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse another model's checkpoint before its weights are loaded (every way of loading passes here)."""
         check_checkpoint(checkpoint)
+        upgrade_checkpoint(checkpoint)
         super().on_load_checkpoint(checkpoint)
 
 

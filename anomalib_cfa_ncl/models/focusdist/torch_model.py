@@ -64,6 +64,9 @@ class FocusDistModel(nn.Module):
         covariance_shrinkage (float): Weight of the mean covariance over all locations in each location's, used
             where it scores held-back training images with synthetic anomalies better than none (:mod:`.gate`);
             ``0`` keeps each location's own covariance.
+        distance_calibration (bool): Divide each location's distance by the mean distance of held-back normal
+            training images there (:mod:`.gate`), so that the border, where normal images score higher, does not
+            decide the image score.
         blur_sigma (float): Standard deviation of the anomaly-map blur, in input pixels.
 
     Example:
@@ -92,6 +95,7 @@ class FocusDistModel(nn.Module):
         statistics_neighbourhood: int = 3,
         statistics_dtype: str = "float16",
         covariance_shrinkage: float = 0.3,
+        distance_calibration: bool = True,
         blur_sigma: float = 4.0,
     ) -> None:
         super().__init__()
@@ -117,6 +121,7 @@ class FocusDistModel(nn.Module):
         self.register_buffer("feature_index", channel_subset(sum(channels), n_features))
         self.feature_index: torch.Tensor
         self.covariance_shrinkage = covariance_shrinkage  # the candidate; gaussian.shrinkage is the one chosen
+        self.distance_calibration = distance_calibration
         statistics = (regularization, statistics_dtype, statistics_neighbourhood, covariance_shrinkage)
         self.gaussian = StreamingGaussian(*statistics)  # checks the numbers now, before any training
         self.anomaly_map_generator = AnomalyMapGenerator(blur_sigma)
@@ -234,9 +239,9 @@ class FocusDistModel(nn.Module):
     def fit_statistics(self, batches: Iterable[torch.Tensor], reduce: Reduce | None = None) -> None:
         """Fit what scoring needs from the training images: the alignment gate's decision, then the Gaussian.
 
-        Two passes over ``batches`` when there is a choice: the input or the aligned frame, with or without covariance
-        shrinkage, compared on held-back images (:func:`.gate.choose_scoring`); then the Gaussian is fitted on all
-        images as chosen.
+        Two passes over ``batches``: the input or the aligned frame, with or without covariance shrinkage, compared
+        on held-back images, which also give the distance calibration (:func:`.gate.choose_scoring`); then the
+        Gaussian is fitted on all images as chosen. One pass when there is nothing to choose or calibrate.
         Runs in evaluation mode without gradients and restores the training mode.
 
         Args:
@@ -257,13 +262,16 @@ class FocusDistModel(nn.Module):
         self.eval()
         # not in inference mode: the fitted buffers must stay ordinary tensors that later training can update
         with torch.inference_mode(False), torch.no_grad():
-            if self.alignment_gate is not None or self.covariance_shrinkage > 0:
-                choose_scoring(self, batches, reduce)
+            scale = None
+            if self.alignment_gate is not None or self.covariance_shrinkage > 0 or self.distance_calibration:
+                scale = choose_scoring(self, batches, reduce)
             self.gaussian.reset()
             for images in batches:
                 self.gaussian.update(self.embed(images)[0])
             _check_every_process_saw_images(self.gaussian.running_sum is not None, reduce)
             self.gaussian.finalize(reduce)
+            if scale is not None:
+                self.gaussian.calibrate(scale)
         self.train(was_training)
 
     def forward(self, images: torch.Tensor) -> TrainingOutput | InferenceBatch:
