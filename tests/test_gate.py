@@ -200,3 +200,26 @@ def test_separation_of_large_distances_is_not_squashed() -> None:
     masks = torch.zeros(2, 4, 4, dtype=torch.bool)
     masks[:, :2] = True
     assert float(separation(normal, (torch.tensor([40.0, 41.0]), anomalous_maps), masks)) == 2.0
+
+
+def test_calibration_is_dropped_where_the_held_back_images_score_worse_with_it(monkeypatch, caplog) -> None:
+    """The calibration is the default, but a held-back verdict against it beyond noise leaves the distances raw."""
+    model = _unaligned_model(shrinkage=0.0)
+    model.fit_statistics([_noisy_photo()])
+    assert not bool((model.gaussian.location_scale == 1).all())  # kept here: it scores the held-back images better
+
+    def swapped(normal: torch.Tensor, anomalous: torch.Tensor, _reduce: object = None) -> tuple:
+        return anomalous, normal  # a "calibration" that makes normal images look anomalous
+
+    monkeypatch.setattr("anomalib_cfa_ncl.models.focusdist.gate.cross_calibrated", swapped)
+    model = _unaligned_model(shrinkage=0.0)
+    with caplog.at_level(logging.INFO, logger="anomalib_cfa_ncl"):
+        model.fit_statistics([_noisy_photo()])
+    assert caplog.text.splitlines()[-1].endswith(": uncalibrated.")
+    assert bool((model.gaussian.location_scale == 1).all())
+
+
+def _noisy_photo(count: int = 60) -> torch.Tensor:
+    """A photo in a fixed pose with pixel noise: synthetic anomalies on it stand out clearly."""
+    noise = torch.randn(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    return _photo().expand(count, -1, -1, -1) + 0.05 * noise

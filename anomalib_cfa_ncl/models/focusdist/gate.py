@@ -17,7 +17,9 @@ in a fixed pose each location's own covariance can be the better one.
 The held-back images also calibrate the distances (``distance_calibration``): each location's distance is divided by
 the mean distance of held-back normal images there, relative to all locations (:func:`.gaussian.calibration_scale`).
 Normal images score higher at the border, where each location's Gaussian has fewer samples and the backbone's zero
-padding changes the features; calibrated, a border location needs the same surprise as an interior one.
+padding changes the features; calibrated, a border location needs the same surprise as an interior one. Being the
+correction of a bias every grid has, the calibration is the default, dropped only where the held-back images score
+better without it in ``CONFIDENCE`` of the resamples.
 """
 
 from __future__ import annotations
@@ -228,9 +230,10 @@ def choose_scoring(
     the held-back images are scored under each candidate fitted on the rest. A less simple choice (the aligned frame,
     then the shrinkage in the chosen frame) is kept only where it separates better in at least ``CONFIDENCE`` of
     ``RESAMPLES`` bootstrap resamples of the held-back images: a difference within their noise is no difference.
-    With ``model.distance_calibration`` every candidate is judged calibrated as it will be used, each half of the
-    held-back images by the other half's mean distances (cross-fitting: no image calibrates its own score), and the
-    chosen candidate's mean distances over all held-back images become the calibration returned.
+    With ``model.distance_calibration`` every candidate is also judged calibrated, each half of the held-back images
+    by the other half's mean distances (cross-fitting: no image calibrates its own score). The calibration is kept
+    unless the uncalibrated scores separate better in ``CONFIDENCE`` of the resamples; the chosen candidate's mean
+    distances over all held-back images are then the calibration returned.
     Runs in evaluation mode without gradients (inside :meth:`FocusDistModel.fit_statistics`); sets
     ``model.alignment_gate`` and ``model.gaussian.shrinkage``.
 
@@ -241,7 +244,8 @@ def choose_scoring(
 
     Returns:
         torch.Tensor | None: The calibration scale per location ``(L,)`` for
-        :meth:`~.gaussian.StreamingGaussian.calibrate`; ``None`` without calibration or with too few images.
+        :meth:`~.gaussian.StreamingGaussian.calibrate`; ``None`` without calibration, where it was dropped, or with
+        too few images.
 
     """
     gate = model.alignment_gate
@@ -271,40 +275,42 @@ def choose_scoring(
     normal = torch.cat(held_back)
     anomalous, masks = synthetic_anomalies(normal)
     resamples = torch.randint(held, (RESAMPLES, held), generator=torch.Generator().manual_seed(BOOTSTRAP_SEED))
+    calibrations = (True, False) if model.distance_calibration else (False,)
     results, scales = [], []
     for aligned, gaussian in gaussians.items():
         with _frame(gate, aligned):  # one backbone pass per frame; its shrinkage variants share the embeddings
             embedded = [model.embed(images) for images in (normal, anomalous)]
         for variant in gaussian.finalize_variants(shrinkages, reduce):
-            distances = [variant.mahalanobis(embedding) for embedding, _ in embedded]
-            grid = tuple(distances[0].shape[-2:])
-            scales.append(calibration_scale(_summed(distances[0], reduce), float(counts[0])))
-            if model.distance_calibration:
-                distances = cross_calibrated(*distances, reduce)
-            scored = [
-                _maps(model, distance, theta, normal.shape[-2:])
-                for distance, (_, theta) in zip(distances, embedded, strict=True)
-            ]
-            results.append(resampled_separations(*scored, masks, resamples.to(normal.device)) * held)
+            raw = [variant.mahalanobis(embedding) for embedding, _ in embedded]
+            grid = tuple(raw[0].shape[-2:])
+            scales.append(calibration_scale(_summed(raw[0], reduce), float(counts[0])))
+            for calibrated in calibrations:
+                distances = cross_calibrated(*raw, reduce) if calibrated else raw
+                scored = [
+                    _maps(model, distance, theta, normal.shape[-2:])
+                    for distance, (_, theta) in zip(distances, embedded, strict=True)
+                ]
+                results.append(resampled_separations(*scored, masks, resamples.to(normal.device)) * held)
     total = torch.stack(results, dim=1).to(torch.float64)  # (R + 1, candidates), weighted by each process's images
     total = ((reduce(total) if reduce is not None else total) / counts[0]).float()
-    total = total.view(RESAMPLES + 1, len(frames), len(shrinkages))
+    total = total.view(RESAMPLES + 1, len(frames), len(shrinkages), len(calibrations))
     chosen_frame = 0
     if gate is not None:  # the better of each frame's candidates, resample by resample
-        best = total.amax(dim=2)
+        best = total.flatten(2).amax(dim=2)
         gate.decide(best[0], int(counts[0]), _share_better(best[1:, 1], best[1:, 0]))
         chosen_frame = int(gate.enabled)
     in_frame = total[:, chosen_frame]
     model.gaussian.shrinkage = 0.0
     if len(shrinkages) > 1:
-        wins = _share_better(in_frame[1:, 1], in_frame[1:, 0])
+        best = in_frame.amax(dim=2)
+        wins = _share_better(best[1:, 1], best[1:, 0])
         model.gaussian.shrinkage = shrinkages[1] if wins >= CONFIDENCE else 0.0
         logger.info(
             "FocusDist: in the chosen frame, image + pixel AUROC of the held-back images is %.3f with each location's "
             "own covariance and %.3f with covariance shrinkage %g, which was better in %.0f %% of %d resamples "
             "(%.0f %% needed): shrinkage %g used.",
-            float(in_frame[0, 0]),
-            float(in_frame[0, 1]),
+            float(best[0, 0]),
+            float(best[0, 1]),
             shrinkages[1],
             100 * wins,
             RESAMPLES,
@@ -313,15 +319,26 @@ def choose_scoring(
         )
     if not model.distance_calibration:
         return None
-    scale = scales[chosen_frame * len(shrinkages) + shrinkages.index(model.gaussian.shrinkage)]
+    chosen = chosen_frame * len(shrinkages) + shrinkages.index(model.gaussian.shrinkage)
+    calibrated, uncalibrated = in_frame[:, shrinkages.index(model.gaussian.shrinkage)].unbind(dim=1)
+    # the calibration corrects a bias every grid has (the border), so it is the default: dropped only where
+    # the held-back images say it scores worse beyond their noise
+    wins = _share_better(uncalibrated[1:], calibrated[1:])
     logger.info(
-        "FocusDist: distances calibrated by the held-back images' mean distance per location (scale %.2f to %.2f, "
-        "border locations %.2f on average).",
-        float(scale.min()),
-        float(scale.max()),
-        float(_border_mean(scale, grid)),
+        "FocusDist: image + pixel AUROC of the held-back images is %.3f with distances calibrated per location "
+        "(scale %.2f to %.2f, border %.2f on average) and %.3f uncalibrated, which was better in %.0f %% of %d "
+        "resamples (%.0f %% needed to drop the calibration): %s.",
+        float(calibrated[0]),
+        float(scales[chosen].min()),
+        float(scales[chosen].max()),
+        float(_border_mean(scales[chosen], grid)),
+        float(uncalibrated[0]),
+        100 * wins,
+        RESAMPLES,
+        100 * CONFIDENCE,
+        "uncalibrated" if wins >= CONFIDENCE else "calibrated",
     )
-    return scale
+    return None if wins >= CONFIDENCE else scales[chosen]
 
 
 def cross_calibrated(
