@@ -224,7 +224,10 @@ def test_int8_ptq_quantises_only_the_feature_network(
     record_property("int8_max_map_diff", maps)
     record_property("int8_labels_differ", labels)
     assert maps <= INT8_TOLERANCE
-    assert min(float(a["anomaly_map"].std()) for a in actual) > 0  # no constant maps
+    # no constant maps where PyTorch's vary (its normalised maps of clearly normal images may be all zero)
+    varying = [float(e["anomaly_map"].std()) > 0 for e in expected]
+    assert any(varying)
+    assert all(float(a["anomaly_map"].std()) > 0 for a, v in zip(actual, varying, strict=True) if v)
 
 
 def test_export_size_the_model_cannot_take_fails_in_one_line(checkpoint: Path, tmp_path: Path) -> None:
