@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -226,14 +227,12 @@ def choose_scoring(
     """Decide, on its training images, the frame ``model`` scores in, its covariance shrinkage and distance calibration.
 
     The candidates are every frame the gate may choose (the input frame, the aligned frame; only the model's own
-    frame without a gate) with every shrinkage (none and ``model.covariance_shrinkage``). One pass over the images:
-    the held-back images are scored under each candidate fitted on the rest. A less simple choice (the aligned frame,
-    then the shrinkage in the chosen frame) is kept only where it separates better in at least ``CONFIDENCE`` of
-    ``RESAMPLES`` bootstrap resamples of the held-back images: a difference within their noise is no difference.
-    With ``model.distance_calibration`` every candidate is also judged calibrated, each half of the held-back images
-    by the other half's mean distances (cross-fitting: no image calibrates its own score). The calibration is kept
-    unless the uncalibrated scores separate better in ``CONFIDENCE`` of the resamples; the chosen candidate's mean
-    distances over all held-back images are then the calibration returned.
+    frame without a gate) with every shrinkage (none and ``model.covariance_shrinkage``), each calibrated or not
+    (:func:`score_candidates`). A less simple choice (the aligned frame, then the shrinkage in the chosen frame) is
+    kept only where it separates better in at least ``CONFIDENCE`` of ``RESAMPLES`` bootstrap resamples of the
+    held-back images: a difference within their noise is no difference. The calibration is kept unless the
+    uncalibrated scores separate better in ``CONFIDENCE`` of the resamples; the chosen candidate's mean distances
+    over all held-back images are then the calibration returned.
     Runs in evaluation mode without gradients (inside :meth:`FocusDistModel.fit_statistics`); sets
     ``model.alignment_gate`` and ``model.gaussian.shrinkage``.
 
@@ -248,9 +247,64 @@ def choose_scoring(
         too few images.
 
     """
+    shrinkages = [0.0, model.covariance_shrinkage] if model.covariance_shrinkage > 0 else [0.0]
+    scored = score_candidates(model, batches, shrinkages, reduce)
+    model.gaussian.shrinkage = 0.0
+    if scored is None:
+        return None
+    chosen_frame = _decide_frame(model.alignment_gate, scored)
+    in_frame = scored.separations[:, chosen_frame]  # (R + 1, shrinkages, calibrations)
+    model.gaussian.shrinkage = _decide_shrinkage(in_frame, shrinkages)
+    if not model.distance_calibration:
+        return None
+    shrinkage_index = shrinkages.index(model.gaussian.shrinkage)
+    scale = scored.scales[chosen_frame * len(shrinkages) + shrinkage_index]
+    return _decide_calibration(in_frame[:, shrinkage_index], scale, scored.grid)
+
+
+@dataclass
+class ScoredCandidates:
+    """How well every scoring candidate separated the held-back images, and the calibration each one would use.
+
+    Attributes:
+        separations (torch.Tensor): Image plus pixel AUROC of all held-back images, then of each bootstrap resample,
+            per frame, shrinkage and calibration (calibrated first), ``(RESAMPLES + 1, frames, shrinkages,
+            calibrations)``.
+        scales (list[torch.Tensor]): The calibration scale ``(L,)`` of each frame and shrinkage, frame-major.
+        held_back (int): Held-back images, over all processes.
+        grid (tuple[int, ...]): The scoring grid ``(h, w)``.
+
+    """
+
+    separations: torch.Tensor
+    scales: list[torch.Tensor]
+    held_back: int
+    grid: tuple[int, ...]
+
+
+def score_candidates(
+    model: FocusDistModel, batches: Iterable[torch.Tensor], shrinkages: list[float], reduce: Reduce | None = None
+) -> ScoredCandidates | None:
+    """Score the held-back images, as they are and with a synthetic anomaly, under every candidate fitted on the rest.
+
+    One pass over the images fits a Gaussian per frame on all but the held-back ones; its shrinkage variants share
+    its sums, and all of a frame's candidates share one backbone pass over the held-back images. With
+    ``model.distance_calibration`` every candidate is also judged calibrated, each half of the held-back images by the
+    other half's mean distances (cross-fitting: no image calibrates its own score).
+
+    Args:
+        model (FocusDistModel): The trained model, in evaluation mode.
+        batches (Iterable[torch.Tensor]): Pre-processed training images without augmentation, ``(B, 3, H, W)``.
+        shrinkages (list[float]): The covariance shrinkages to compare.
+        reduce (Callable | None): Sums a tensor over processes (distributed training); ``None`` in one process.
+
+    Returns:
+        ScoredCandidates | None: The candidates' separations; ``None``, after saying why, when too few images could be
+        held back or none was left to fit on.
+
+    """
     gate = model.alignment_gate
     frames = (False, True) if gate is not None else (None,)  # None: the model's own frame, no choice
-    shrinkages = [0.0, model.covariance_shrinkage] if model.covariance_shrinkage > 0 else [0.0]
     gaussians = {aligned: model.gaussian.fresh() for aligned in frames}
     held_back: list[torch.Tensor] = []
     seen = held = 0
@@ -266,7 +320,6 @@ def choose_scoring(
     counts = torch.tensor([held, seen - held, float(held == 0 or seen == held)], dtype=torch.float64)
     counts = reduce(counts) if reduce is not None else counts
     if counts[0] < MIN_HELD_BACK or counts[2] > 0:
-        model.gaussian.shrinkage = 0.0
         if gate is not None:
             gate.decide(None, int(counts[0]))
         elif model.distance_calibration:
@@ -278,7 +331,7 @@ def choose_scoring(
     calibrations = (True, False) if model.distance_calibration else (False,)
     results, scales = [], []
     for aligned, gaussian in gaussians.items():
-        with _frame(gate, aligned):  # one backbone pass per frame; its shrinkage variants share the embeddings
+        with _frame(gate, aligned):
             embedded = [model.embed(images) for images in (normal, anomalous)]
         for variant in gaussian.finalize_variants(shrinkages, reduce):
             raw = [variant.mahalanobis(embedding) for embedding, _ in embedded]
@@ -294,51 +347,81 @@ def choose_scoring(
     total = torch.stack(results, dim=1).to(torch.float64)  # (R + 1, candidates), weighted by each process's images
     total = ((reduce(total) if reduce is not None else total) / counts[0]).float()
     total = total.view(RESAMPLES + 1, len(frames), len(shrinkages), len(calibrations))
-    chosen_frame = 0
-    if gate is not None:  # the better of each frame's candidates, resample by resample
-        best = total.flatten(2).amax(dim=2)
-        gate.decide(best[0], int(counts[0]), _share_better(best[1:, 1], best[1:, 0]))
-        chosen_frame = int(gate.enabled)
-    in_frame = total[:, chosen_frame]
-    model.gaussian.shrinkage = 0.0
-    if len(shrinkages) > 1:
-        best = in_frame.amax(dim=2)
-        wins = _share_better(best[1:, 1], best[1:, 0])
-        model.gaussian.shrinkage = shrinkages[1] if wins >= CONFIDENCE else 0.0
-        logger.info(
-            "FocusDist: in the chosen frame, image + pixel AUROC of the held-back images is %.3f with each location's "
-            "own covariance and %.3f with covariance shrinkage %g, which was better in %.0f %% of %d resamples "
-            "(%.0f %% needed): shrinkage %g used.",
-            float(best[0, 0]),
-            float(best[0, 1]),
-            shrinkages[1],
-            100 * wins,
-            RESAMPLES,
-            100 * CONFIDENCE,
-            model.gaussian.shrinkage,
-        )
-    if not model.distance_calibration:
-        return None
-    chosen = chosen_frame * len(shrinkages) + shrinkages.index(model.gaussian.shrinkage)
-    calibrated, uncalibrated = in_frame[:, shrinkages.index(model.gaussian.shrinkage)].unbind(dim=1)
-    # the calibration corrects a bias every grid has (the border), so it is the default: dropped only where
-    # the held-back images say it scores worse beyond their noise
+    return ScoredCandidates(total, scales, int(counts[0]), grid)
+
+
+def _decide_frame(gate: AlignmentGate | None, scored: ScoredCandidates) -> int:
+    """The frame scored in (``1``: aligned), judged by the better of each frame's candidates, resample by resample."""
+    if gate is None:
+        return 0
+    best = scored.separations.flatten(2).amax(dim=2)
+    gate.decide(best[0], scored.held_back, _share_better(best[1:, 1], best[1:, 0]))
+    return int(gate.enabled)
+
+
+def _decide_shrinkage(in_frame: torch.Tensor, shrinkages: list[float]) -> float:
+    """The covariance shrinkage: the candidate's where it separates better beyond the noise, else ``0``.
+
+    Args:
+        in_frame (torch.Tensor): Separations in the chosen frame, ``(RESAMPLES + 1, shrinkages, calibrations)``.
+        shrinkages (list[float]): The shrinkages compared, ``0`` first.
+
+    Returns:
+        float: The shrinkage chosen.
+
+    """
+    if len(shrinkages) == 1:
+        return 0.0
+    best = in_frame.amax(dim=2)
+    wins = _share_better(best[1:, 1], best[1:, 0])
+    chosen = shrinkages[1] if wins >= CONFIDENCE else 0.0
+    logger.info(
+        "FocusDist: in the chosen frame, image + pixel AUROC of the held-back images is %.3f with each location's "
+        "own covariance and %.3f with covariance shrinkage %g, which was better in %.0f %% of %d resamples "
+        "(%.0f %% needed): shrinkage %g used.",
+        float(best[0, 0]),
+        float(best[0, 1]),
+        shrinkages[1],
+        100 * wins,
+        RESAMPLES,
+        100 * CONFIDENCE,
+        chosen,
+    )
+    return chosen
+
+
+def _decide_calibration(separations: torch.Tensor, scale: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor | None:
+    """The calibration scale, unless the chosen candidate separates better uncalibrated beyond the noise.
+
+    The calibration corrects a bias every grid has (the border), so it is the default: dropped only where the
+    held-back images score better without it in ``CONFIDENCE`` of the resamples.
+
+    Args:
+        separations (torch.Tensor): The chosen candidate's separations, calibrated and not, ``(RESAMPLES + 1, 2)``.
+        scale (torch.Tensor): Its calibration scale per location, ``(L,)``.
+        grid (tuple[int, ...]): The scoring grid ``(h, w)``, for the log.
+
+    Returns:
+        torch.Tensor | None: ``scale``, or ``None`` where the calibration is dropped.
+
+    """
+    calibrated, uncalibrated = separations.unbind(dim=1)
     wins = _share_better(uncalibrated[1:], calibrated[1:])
     logger.info(
         "FocusDist: image + pixel AUROC of the held-back images is %.3f with distances calibrated per location "
         "(scale %.2f to %.2f, border %.2f on average) and %.3f uncalibrated, which was better in %.0f %% of %d "
         "resamples (%.0f %% needed to drop the calibration): %s.",
         float(calibrated[0]),
-        float(scales[chosen].min()),
-        float(scales[chosen].max()),
-        float(_border_mean(scales[chosen], grid)),
+        float(scale.min()),
+        float(scale.max()),
+        float(_border_mean(scale, grid)),
         float(uncalibrated[0]),
         100 * wins,
         RESAMPLES,
         100 * CONFIDENCE,
         "uncalibrated" if wins >= CONFIDENCE else "calibrated",
     )
-    return None if wins >= CONFIDENCE else scales[chosen]
+    return None if wins >= CONFIDENCE else scale
 
 
 def cross_calibrated(
