@@ -6,14 +6,23 @@ import logging
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 from skimage import data as skimage_data
 from torch import nn
+from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_cfa_ncl import FocusDistModel
 from anomalib_cfa_ncl.models.focusdist.alignment import similarity_theta, warp
-from anomalib_cfa_ncl.models.focusdist.gate import MAX_HELD_BACK, cross_calibrated, held_back_mask, separation
+from anomalib_cfa_ncl.models.focusdist.gate import (
+    MAX_HELD_BACK,
+    bootstrap_aurocs,
+    cross_calibrated,
+    held_back_mask,
+    resampled_separations,
+    separation,
+)
 from anomalib_cfa_ncl.models.focusdist.gaussian import calibration_scale
 
 SIZE = 64
@@ -223,3 +232,40 @@ def _noisy_photo(count: int = 60) -> torch.Tensor:
     """A photo in a fixed pose with pixel noise: synthetic anomalies on it stand out clearly."""
     noise = torch.randn(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     return _photo().expand(count, -1, -1, -1) + 0.05 * noise
+
+
+def test_weighted_aurocs_equal_scoring_each_resample_itself() -> None:
+    """One sort for all resamples gives what torchmetrics gives on each resample's own copies, ties included."""
+    generator = torch.Generator().manual_seed(3)
+    count, per_image = 12, 50
+    scores = torch.randint(0, 20, (count * per_image,), generator=generator).float()  # many ties
+    labels = torch.rand(count * per_image, generator=generator) < 0.3
+    image_index = torch.arange(count).repeat_interleave(per_image)
+    resamples = torch.randint(count, (5, count), generator=generator)
+    weights = torch.stack([torch.bincount(row, minlength=count) for row in resamples]).double()
+    for row, auroc in zip(resamples, bootstrap_aurocs(scores, labels, image_index, weights), strict=True):
+        drawn = torch.cat([torch.nonzero(image_index == image).flatten() for image in row])
+        expected = binary_auroc(scores[drawn] / scores.max(), labels[drawn].long())
+        assert float(auroc) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_a_resample_without_one_class_scores_zero_as_torchmetrics_does() -> None:
+    scores, labels = torch.rand(4), torch.tensor([False, False, True, True])
+    weights = torch.tensor([[1.0, 1.0, 0.0, 0.0]])  # draws only the normal images
+    assert float(bootstrap_aurocs(scores, labels, torch.arange(4), weights)[0]) == 0.0
+
+
+def test_the_first_separation_is_of_all_images_the_others_of_the_resamples() -> None:
+    generator = torch.Generator().manual_seed(4)
+    normal = (torch.rand(6, generator=generator), torch.rand(6, 8, 8, generator=generator))
+    anomalous = (torch.rand(6, generator=generator) + 0.2, torch.rand(6, 8, 8, generator=generator) + 0.1)
+    masks = torch.rand(6, 8, 8, generator=generator) > 0.5
+    resamples = torch.tensor([[0, 0, 1, 2, 3, 3], [5, 4, 4, 4, 1, 0]])
+    separations = resampled_separations(normal, anomalous, masks, resamples)
+    assert separations.shape == (3,)
+    torch.testing.assert_close(separations[0], separation(normal, anomalous, masks))
+    for row, indices in zip(separations[1:], resamples, strict=True):
+        picked = separation(
+            (normal[0][indices], normal[1][indices]), (anomalous[0][indices], anomalous[1][indices]), masks[indices]
+        )
+        torch.testing.assert_close(row, picked)

@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from torch import nn
-from torchmetrics.functional.classification import binary_auroc
 
 from .alignment import identity_theta
 from .gaussian import calibration_scale
@@ -53,6 +52,7 @@ RESAMPLES = 100  # bootstrap resamples of the held-back images behind every deci
 CONFIDENCE = 0.95  # the less simple candidate must separate better in this share of the resamples
 BOOTSTRAP_SEED = 0
 MAP_SIDE = 64  # maps are averaged down to at most this side for the pixel AUROCs (their cost)
+AUROC_ROWS = 8  # resamples weighed at once, bounding the pixel AUROCs' memory (8 x 245,760 float64 per temporary)
 
 
 class AlignmentGate(nn.Module):
@@ -177,11 +177,8 @@ def separation(
         torch.Tensor: The sum of both AUROCs, a scalar in ``[0, 2]``.
 
     """
-    scores = torch.cat([normal[0], anomalous[0]])
-    labels = torch.cat([torch.zeros_like(normal[0]), torch.ones_like(anomalous[0])]).long()
-    pixels = torch.cat([normal[1].flatten(), anomalous[1].flatten()])
-    pixel_labels = torch.cat([torch.zeros_like(normal[1], dtype=torch.long).flatten(), masks.long().flatten()])
-    return _auroc(scores, labels) + _auroc(pixels, pixel_labels)
+    no_resample = torch.empty(0, masks.shape[0], dtype=torch.long, device=masks.device)
+    return resampled_separations(normal, anomalous, masks, no_resample)[0]
 
 
 def resampled_separations(
@@ -202,23 +199,72 @@ def resampled_separations(
         torch.Tensor: Separation of all images, then of each resample, ``(R + 1,)``.
 
     """
+    count = masks.shape[0]
     side = (min(masks.shape[-2], MAP_SIDE), min(masks.shape[-1], MAP_SIDE))
     normal_maps, anomalous_maps = (F.adaptive_avg_pool2d(maps, side) for maps in (normal[1], anomalous[1]))
     masks = F.adaptive_avg_pool2d(masks.float(), side) > 0.5
-    rows = [torch.arange(masks.shape[0], device=masks.device), *resamples]
-    return torch.stack(
-        [separation((normal[0][i], normal_maps[i]), (anomalous[0][i], anomalous_maps[i]), masks[i]) for i in rows]
+    # a resample is the images weighted by how often it drew each; the first row weighs every image once
+    drawn = [torch.bincount(indices, minlength=count) for indices in resamples.cpu()]
+    weights = torch.cat([torch.ones(1, count, dtype=torch.long), *(row[None] for row in drawn)])
+    weights = weights.to(masks.device, torch.float64)
+    images = torch.arange(count, device=masks.device)
+    image_labels = torch.cat([torch.zeros(count, dtype=torch.bool), torch.ones(count, dtype=torch.bool)])
+    image_part = bootstrap_aurocs(
+        torch.cat([normal[0], anomalous[0]]), image_labels.to(masks.device), torch.cat([images, images]), weights
     )
+    pixel_images = images.repeat_interleave(masks[0].numel())
+    pixel_part = bootstrap_aurocs(
+        torch.cat([normal_maps.flatten(), anomalous_maps.flatten()]),
+        torch.cat([torch.zeros_like(masks).flatten(), masks.flatten()]),
+        torch.cat([pixel_images, pixel_images]),
+        weights,
+    )
+    return (image_part + pixel_part).float()
 
 
-def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """AUROC of non-negative scores, e.g. distances.
+def bootstrap_aurocs(
+    scores: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """AUROC of the scores under each row of per-image weights, with one sort of the scores for all rows.
 
-    torchmetrics passes values outside ``[0, 1]`` through a sigmoid, which rounds every distance above about 17 to
-    1.0 in float32 and ties them: the gate then compared AUROCs near 0.5 whatever the scores. Dividing by the largest
-    score keeps their order.
+    The Mann-Whitney form of the area under the ROC curve (a tie counts half), which equals the trapezoidal AUROC
+    of torchmetrics; weighting each image by how often a bootstrap resample drew it equals scoring the resample.
+    One sort instead of one per resample (and per AUROC) made the gate's decision many times faster.
+
+    Args:
+        scores (torch.Tensor): Scores, ``(N,)``.
+        labels (torch.Tensor): ``True`` for anomalous, ``(N,)``.
+        image_index (torch.Tensor): The image each score belongs to, a column of ``weights``, ``(N,)``.
+        weights (torch.Tensor): Weight of every image in each row, ``(R, I)``, float64.
+
+    Returns:
+        torch.Tensor: AUROC per row, ``(R,)`` float64; ``0`` where a row weighs only one class (as torchmetrics).
+
+    Example:
+        >>> scores, labels = torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([False, False, True, True])
+        >>> weights = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1]], dtype=torch.float64)  # all; without image 1
+        >>> bootstrap_aurocs(scores, labels, torch.arange(4), weights)
+        tensor([0.7500, 1.0000], dtype=torch.float64)
+
     """
-    return binary_auroc(scores / scores.max().clamp_min(torch.finfo(scores.dtype).tiny), labels)
+    order = torch.argsort(scores)
+    ties = torch.unique_consecutive(scores[order], return_inverse=True)[1]  # tie group of each sorted score
+    positive = labels[order].to(weights.dtype)
+    image_index = image_index[order]
+    aurocs = []
+    for rows in weights.split(AUROC_ROWS):
+        weighted = rows[:, image_index]  # (r, N), in score order
+        positives, negatives = (
+            torch.zeros(rows.shape[0], int(ties[-1]) + 1, dtype=weights.dtype, device=weights.device).index_add_(
+                1, ties, part
+            )
+            for part in (weighted * positive, weighted * (1 - positive))
+        )
+        below = negatives.cumsum(dim=1) - negatives  # negative weight strictly below each tie group
+        ranked = (positives * (below + 0.5 * negatives)).sum(dim=1)
+        pairs = positives.sum(dim=1) * negatives.sum(dim=1)
+        aurocs.append(torch.where(pairs > 0, ranked / pairs.clamp_min(1.0), torch.zeros_like(pairs)))
+    return torch.cat(aurocs)
 
 
 def choose_scoring(
