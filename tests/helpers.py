@@ -38,6 +38,20 @@ def tiny_engine(root: Path, **kwargs):
     return Engine(**defaults)
 
 
+def export_ir(checkpoint: Path, root: Path, **kwargs) -> Path:
+    """Export an OpenVINO IR from a checkpoint with ``Engine.export``, as a user would."""
+    from anomalib.deploy import ExportType
+
+    return tiny_engine(root).export(
+        model=tiny_model(),
+        export_type=ExportType.OPENVINO,
+        ckpt_path=str(checkpoint),
+        export_root=root,
+        onnx_kwargs={"opset_version": 18},
+        **kwargs,
+    )
+
+
 def with_obvious_defect(image):
     """A copy of an RGB image ``(3, H, W)`` in [0, 1] with a saturated magenta square over a third of its side.
 

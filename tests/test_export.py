@@ -1,8 +1,8 @@
 """Export of FocusDist to OpenVINO: parity with PyTorch, precisions, input sizes, checkpoints, edge example.
 
-One tiny FocusDist (64 px, untrained resnet18, 1 epoch) is fitted; the IRs are written with ``Engine.export``
-from its checkpoint, as a user would. The CPU plugin is told to compute in float32: its default on CPUs with
-bfloat16 units is bfloat16, which is measured in ``benchmarks/export_parity.py``, not asserted here.
+The session's tiny FocusDist (64 px, untrained resnet18, 1 epoch; ``conftest.tiny_project``) is exported with
+``Engine.export`` from its checkpoint, as a user would. The CPU plugin is told to compute in float32: its default on
+CPUs with bfloat16 units is bfloat16, which is measured in ``benchmarks/export_parity.py``, not asserted here.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from anomalib.data.utils import read_image
-from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer
+from anomalib.deploy import CompressionType, OpenVINOInferencer
 from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Normalize
 
 from anomalib_cfa_ncl import FocusDist
 
-from .helpers import CATEGORY, IMAGE_SIZE, tiny_datamodule, tiny_engine, tiny_model
+from .helpers import IMAGE_SIZE, export_ir, tiny_datamodule
 
 ov = pytest.importorskip("openvino")
 
@@ -39,12 +38,9 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "edge_inference.py"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_dataset_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Fit the tiny model once; return the checkpoint the Engine wrote."""
-    project = tmp_path_factory.mktemp("export_project")
-    engine = tiny_engine(project)
-    engine.fit(model=tiny_model(), datamodule=tiny_datamodule(tiny_dataset_root))
-    return Path(engine.trainer.checkpoint_callback.best_model_path)
+def checkpoint(tiny_project: tuple[Path, Path]) -> Path:
+    """The checkpoint of the session's tiny model (``conftest.tiny_project``)."""
+    return tiny_project[1]
 
 
 @contextlib.contextmanager
@@ -70,35 +66,10 @@ def cuda_checkpoint(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) 
     return path
 
 
-def export_ir(checkpoint: Path, root: Path, **kwargs) -> Path:
-    """Export an OpenVINO IR from a checkpoint with ``Engine.export``."""
-    engine = tiny_engine(root)
-    return engine.export(
-        model=tiny_model(),
-        export_type=ExportType.OPENVINO,
-        ckpt_path=str(checkpoint),
-        export_root=root,
-        onnx_kwargs={"opset_version": 18},
-        **kwargs,
-    )
-
-
-@pytest.fixture(scope="module")
-def dynamic_ir(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_ir(checkpoint, tmp_path_factory.mktemp("dynamic"))
-
-
 @pytest.fixture(scope="module")
 def reference(checkpoint: Path) -> FocusDist:
     """The PyTorch model from the same checkpoint."""
     return FocusDist.load_from_checkpoint(checkpoint, map_location="cpu").eval()
-
-
-@pytest.fixture(scope="module")
-def images(tiny_dataset_root: Path) -> list[torch.Tensor]:
-    """The raw test images, ``(3, 64, 64)`` in [0, 1]."""
-    paths = sorted((tiny_dataset_root / CATEGORY / "test").rglob("*.png"))
-    return [read_image(path, as_tensor=True) for path in paths]
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """The exported OpenVINO graph and non-finite pixels: each broken image scores 1.0 alone (issue 10, item 2).
 
-Fits and exports its own tiny model (the fixtures of ``test_export.py``), as a user would with ``Engine.export``.
+Uses the session's tiny model and its IR (``conftest.dynamic_ir``), exported as a user would with ``Engine.export``.
 """
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from .test_export import F32, _in_tmp_path, checkpoint, dynamic_ir, images  # noqa: F401 - fixtures
+from .test_export import F32, _in_tmp_path  # noqa: F401 - fixture
 
 ov = pytest.importorskip("openvino")
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
-def test_exported_graph_scores_a_non_finite_image_alone(dynamic_ir, images, value: float) -> None:  # noqa: F811
+def test_exported_graph_scores_a_non_finite_image_alone(dynamic_ir, images, value: float) -> None:
     compiled = ov.Core().compile_model(str(dynamic_ir), "CPU", F32)
     clean = np.stack([image.numpy() for image in images[:2]]).astype(np.float32)  # (2, 3, 64, 64) in [0, 1]
     broken = clean.copy()
