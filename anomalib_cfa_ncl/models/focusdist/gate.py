@@ -52,7 +52,6 @@ RESAMPLES = 100  # bootstrap resamples of the held-back images behind every deci
 CONFIDENCE = 0.95  # the less simple candidate must separate better in this share of the resamples
 BOOTSTRAP_SEED = 0
 MAP_SIDE = 64  # maps are averaged down to at most this side for the pixel AUROCs (their cost)
-AUROC_ROWS = 8  # resamples weighed at once, bounding the pixel AUROCs' memory (8 x 245,760 float64 per temporary)
 
 
 class AlignmentGate(nn.Module):
@@ -225,11 +224,13 @@ def resampled_separations(
 def bootstrap_aurocs(
     scores: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """AUROC of the scores under each row of per-image weights, with one sort of the scores for all rows.
+    """AUROC of the scores under each row of per-image weights, from one comparison of every pair of images.
 
-    The Mann-Whitney form of the area under the ROC curve (a tie counts half), which equals the trapezoidal AUROC
-    of torchmetrics; weighting each image by how often a bootstrap resample drew it equals scoring the resample.
-    One sort instead of one per resample (and per AUROC) made the gate's decision many times faster.
+    The Mann-Whitney form of the area under the ROC curve (a tie counts half) equals the trapezoidal AUROC of
+    torchmetrics, and it is a sum over pairs of images: how many of image ``i``'s positive scores lie above image
+    ``j``'s negative ones. A bootstrap resample that draws image ``i`` ``w_i`` times counts that pair ``w_i * w_j``
+    times, so every resample's AUROC follows from the ``(I, I)`` pair counts, computed once, instead of a sort of
+    its own scores: about 80x faster than scoring each resample, in memory of the order of the scores.
 
     Args:
         scores (torch.Tensor): Scores, ``(N,)``.
@@ -247,24 +248,33 @@ def bootstrap_aurocs(
         tensor([0.7500, 1.0000], dtype=torch.float64)
 
     """
-    order = torch.argsort(scores)
-    ties = torch.unique_consecutive(scores[order], return_inverse=True)[1]  # tie group of each sorted score
-    positive = labels[order].to(weights.dtype)
-    image_index = image_index[order]
-    aurocs = []
-    for rows in weights.split(AUROC_ROWS):
-        weighted = rows[:, image_index]  # (r, N), in score order
-        positives, negatives = (
-            torch.zeros(rows.shape[0], int(ties[-1]) + 1, dtype=weights.dtype, device=weights.device).index_add_(
-                1, ties, part
-            )
-            for part in (weighted * positive, weighted * (1 - positive))
-        )
-        below = negatives.cumsum(dim=1) - negatives  # negative weight strictly below each tie group
-        ranked = (positives * (below + 0.5 * negatives)).sum(dim=1)
-        pairs = positives.sum(dim=1) * negatives.sum(dim=1)
-        aurocs.append(torch.where(pairs > 0, ranked / pairs.clamp_min(1.0), torch.zeros_like(pairs)))
-    return torch.cat(aurocs)
+    count = weights.shape[1]
+    above, positives, negatives = _pair_counts(scores, labels, image_index, count, weights.dtype)
+    ranked = ((weights @ above) * weights).sum(dim=1)
+    pairs = (weights @ positives) * (weights @ negatives)
+    return torch.where(pairs > 0, ranked / pairs.clamp_min(1.0), torch.zeros_like(pairs))
+
+
+def _pair_counts(
+    scores: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor, count: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mann-Whitney counts per pair of images and the positives and negatives of each image.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ``above[i, j]``, the number of image ``i``'s positive scores
+        above image ``j``'s negative ones (ties half), ``(I, I)``; positives and negatives per image, ``(I,)`` each.
+    """
+    positive_scores, positive_images = scores[labels], image_index[labels]
+    above = torch.zeros(count, count, dtype=dtype, device=scores.device)
+    negatives = torch.zeros(count, dtype=dtype, device=scores.device)
+    for image in range(count):
+        negative = scores[~labels & (image_index == image)].sort().values
+        below = torch.searchsorted(negative, positive_scores, right=False)  # strictly below each positive
+        below_or_tied = torch.searchsorted(negative, positive_scores, right=True)
+        above[:, image].index_add_(0, positive_images, (below + below_or_tied).to(dtype) / 2)
+        negatives[image] = negative.numel()
+    positives = torch.bincount(positive_images, minlength=count).to(dtype)
+    return above, positives, negatives
 
 
 def choose_scoring(
