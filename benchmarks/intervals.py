@@ -3,14 +3,16 @@
 The test images of each category are resampled with replacement (the same resample for both models, so the
 difference is paired), the image and pixel AUROC of each model are recomputed on the resample, and the mean over
 categories of ``model - reference`` is collected; the 2.5 and 97.5 percentiles give a 95 % interval. A
-resample weights every image by how often it was drawn, so the AUROC of a resample is a weighted AUROC of the
-original scores: one sort per model and category serves every resample.
+resample weights every image by how often it was drawn, so the AUROC of a resample follows from counts per pair of
+images, taken once per model and category (:func:`pair_counts`): one ``(R, N) @ (N, N)`` product serves every
+resample.
 
 Example:
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
     >>> labels = np.r_[np.zeros(50), np.ones(50)]
-    >>> round(weighted_auroc(labels + rng.normal(0, 1, 100), labels, np.ones(100)), 3)
+    >>> counts = pair_counts(labels + rng.normal(0, 1, 100), labels, np.arange(100), count=100)
+    >>> round(float(aurocs_from_pair_counts(*counts, np.ones((1, 100)))[0]), 3)
     0.741
 
 """
@@ -30,27 +32,50 @@ SEED = 0
 MAP_SIZE = 64  # maps and masks are kept at 64x64 for the pixel-level resamples
 
 
-def weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
-    """AUROC where every sample counts ``weight`` times (ties between scores count as wrong order).
+def pair_counts(
+    scores: np.ndarray, labels: np.ndarray, image_index: np.ndarray, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How many positives of image ``i`` rank above negatives of image ``j``, for every pair of images.
+
+    Scores are ranked by a stable sort, so tied scores keep the order of the samples (a positive counts a tied
+    negative as below it when the negative comes first). The AUROC of any per-image weights follows from these
+    counts: a resample that draws images ``i`` and ``j`` ``w_i`` and ``w_j`` times counts their pair ``w_i * w_j``
+    times (:func:`aurocs_from_pair_counts`).
 
     Args:
         scores (np.ndarray): Scores, shape ``(N,)``.
-        labels (np.ndarray): 1 for anomalous, 0 for normal, shape ``(N,)``.
-        weights (np.ndarray): Non-negative weight of each sample, shape ``(N,)``.
+        labels (np.ndarray): 1 (or ``True``) for anomalous, shape ``(N,)``.
+        image_index (np.ndarray): The image of every score, in ``[0, count)``, shape ``(N,)``.
+        count (int): Number of images.
 
     Returns:
-        float: The AUROC, ``nan`` when a class has no weight.
+        tuple[np.ndarray, np.ndarray, np.ndarray]: The pair counts ``(count, count)``, and the positives and negatives
+        of every image ``(count,)``.
 
     """
-    order = np.argsort(scores, kind="stable")
-    labels, weights = labels[order], weights[order]
-    positive = weights * labels
-    negative = weights * (1 - labels)
-    total_positive, total_negative = positive.sum(), negative.sum()
-    if total_positive == 0 or total_negative == 0:
-        return float("nan")
-    negatives_below = np.cumsum(negative) - negative
-    return float((positive * negatives_below).sum() / (total_positive * total_negative))
+    rank = np.empty(scores.size, dtype=np.int64)
+    rank[np.argsort(scores, kind="stable")] = np.arange(scores.size)
+    positive = labels.astype(bool)
+    positive_rank, positive_image = rank[positive], image_index[positive]
+    above = np.zeros((count, count))
+    for image in range(count):
+        negative_rank = np.sort(rank[~positive & (image_index == image)])
+        below = np.searchsorted(negative_rank, positive_rank).astype(np.float64)
+        above[:, image] = np.bincount(positive_image, weights=below, minlength=count)
+    positives = np.bincount(positive_image, minlength=count).astype(np.float64)
+    negatives = np.bincount(image_index[~positive], minlength=count).astype(np.float64)
+    return above, positives, negatives
+
+
+def aurocs_from_pair_counts(
+    above: np.ndarray, positives: np.ndarray, negatives: np.ndarray, image_weights: np.ndarray
+) -> np.ndarray:
+    """The AUROC under each row of image weights ``(R, count)`` from :func:`pair_counts`; ``nan`` without a class."""
+    weights = image_weights.astype(np.float64)
+    ranked = ((weights @ above) * weights).sum(axis=1)
+    pairs = (weights @ positives) * (weights @ negatives)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, ranked / pairs, np.nan)
 
 
 @dataclass
@@ -103,20 +128,14 @@ class PairedBootstrap:
             np.ndarray: AUROC per resample, shape ``(R,)``.
 
         """
+        count = len(prediction.scores)
         if level == "image":
-            return np.array([weighted_auroc(prediction.scores, prediction.labels, w) for w in image_weights])
-        pixels = prediction.maps[0].size
-        scores, labels = prediction.maps.reshape(-1), prediction.masks.reshape(-1).astype(np.float64)
-        order = np.argsort(scores, kind="stable")
-        labels = labels[order]
-        image_of_pixel = (np.arange(scores.size) // pixels)[order]
-        results = []
-        for w in image_weights:
-            weights = w[image_of_pixel].astype(np.float64)
-            positive, negative = weights * labels, weights * (1 - labels)
-            below = np.cumsum(negative) - negative
-            results.append((positive * below).sum() / (positive.sum() * negative.sum()))
-        return np.array(results)
+            counts = pair_counts(prediction.scores, prediction.labels, np.arange(count), count)
+        else:
+            pixels = prediction.maps[0].size
+            image_of_pixel = np.arange(prediction.maps.size) // pixels
+            counts = pair_counts(prediction.maps.reshape(-1), prediction.masks.reshape(-1), image_of_pixel, count)
+        return aurocs_from_pair_counts(*counts, image_weights)
 
     def mean_difference(
         self,
