@@ -4,15 +4,15 @@ The test images of each category are resampled with replacement (the same resamp
 difference is paired), the image and pixel AUROC of each model are recomputed on the resample, and the mean over
 categories of ``model - reference`` is collected; the 2.5 and 97.5 percentiles give a 95 % interval. A
 resample weights every image by how often it was drawn, so the AUROC of a resample follows from counts per pair of
-images, taken once per model and category (:func:`pair_counts`): one ``(R, N) @ (N, N)`` product serves every
-resample.
+images, taken once per model and category (:func:`stable_rank_aurocs`): one product of the weights with the counts
+serves every resample.
 
 Example:
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
     >>> labels = np.r_[np.zeros(50), np.ones(50)]
-    >>> counts = pair_counts(labels + rng.normal(0, 1, 100), labels, np.arange(100), count=100)
-    >>> round(float(aurocs_from_pair_counts(*counts, np.ones((1, 100)))[0]), 3)
+    >>> aurocs = stable_rank_aurocs(labels + rng.normal(0, 1, 100), labels, np.arange(100), np.ones((1, 100)))
+    >>> round(float(aurocs[0]), 3)
     0.741
 
 """
@@ -27,55 +27,43 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch import Callback
 
+from anomalib_cfa_ncl.models.focusdist.gate import bootstrap_aurocs
+
 RESAMPLES = 1000
 SEED = 0
 MAP_SIZE = 64  # maps and masks are kept at 64x64 for the pixel-level resamples
 
 
-def pair_counts(
-    scores: np.ndarray, labels: np.ndarray, image_index: np.ndarray, count: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """How many positives of image ``i`` rank above negatives of image ``j``, for every pair of images.
+def stable_rank_aurocs(
+    scores: np.ndarray, labels: np.ndarray, image_index: np.ndarray, image_weights: np.ndarray
+) -> np.ndarray:
+    """The AUROC under each row of image weights, with tied scores ranked in the order of the samples.
 
-    Scores are ranked by a stable sort, so tied scores keep the order of the samples (a positive counts a tied
-    negative as below it when the negative comes first). The AUROC of any per-image weights follows from these
-    counts: a resample that draws images ``i`` and ``j`` ``w_i`` and ``w_j`` times counts their pair ``w_i * w_j``
-    times (:func:`aurocs_from_pair_counts`).
+    A stable sort ranks the scores, so a positive counts a tied negative as below it when the negative comes first
+    (the maps are stored in float16, so ties occur). The AUROCs of all rows follow from one count per pair of images
+    (:func:`anomalib_cfa_ncl.models.focusdist.gate.bootstrap_aurocs`, on the ranks, which have no ties): a resample
+    that draws images ``i`` and ``j`` ``w_i`` and ``w_j`` times counts their pair ``w_i * w_j`` times.
 
     Args:
         scores (np.ndarray): Scores, shape ``(N,)``.
         labels (np.ndarray): 1 (or ``True``) for anomalous, shape ``(N,)``.
-        image_index (np.ndarray): The image of every score, in ``[0, count)``, shape ``(N,)``.
-        count (int): Number of images.
+        image_index (np.ndarray): The image of every score, a column of ``image_weights``, shape ``(N,)``.
+        image_weights (np.ndarray): Weight of every image in each row, shape ``(R, I)``.
 
     Returns:
-        tuple[np.ndarray, np.ndarray, np.ndarray]: The pair counts ``(count, count)``, and the positives and negatives
-        of every image ``(count,)``.
+        np.ndarray: AUROC per row, shape ``(R,)``; ``nan`` where a row weighs only one class.
 
     """
     rank = np.empty(scores.size, dtype=np.int64)
     rank[np.argsort(scores, kind="stable")] = np.arange(scores.size)
-    positive = labels.astype(bool)
-    positive_rank, positive_image = rank[positive], image_index[positive]
-    above = np.zeros((count, count))
-    for image in range(count):
-        negative_rank = np.sort(rank[~positive & (image_index == image)])
-        below = np.searchsorted(negative_rank, positive_rank).astype(np.float64)
-        above[:, image] = np.bincount(positive_image, weights=below, minlength=count)
-    positives = np.bincount(positive_image, minlength=count).astype(np.float64)
-    negatives = np.bincount(image_index[~positive], minlength=count).astype(np.float64)
-    return above, positives, negatives
-
-
-def aurocs_from_pair_counts(
-    above: np.ndarray, positives: np.ndarray, negatives: np.ndarray, image_weights: np.ndarray
-) -> np.ndarray:
-    """The AUROC under each row of image weights ``(R, count)`` from :func:`pair_counts`; ``nan`` without a class."""
-    weights = image_weights.astype(np.float64)
-    ranked = ((weights @ above) * weights).sum(axis=1)
-    pairs = (weights @ positives) * (weights @ negatives)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(pairs > 0, ranked / pairs, np.nan)
+    aurocs = bootstrap_aurocs(
+        torch.from_numpy(rank),
+        torch.from_numpy(labels.astype(bool)),
+        torch.from_numpy(np.asarray(image_index, dtype=np.int64)),
+        torch.from_numpy(image_weights.astype(np.float64)),
+        undefined=float("nan"),
+    )
+    return aurocs.numpy()
 
 
 @dataclass
@@ -128,14 +116,12 @@ class PairedBootstrap:
             np.ndarray: AUROC per resample, shape ``(R,)``.
 
         """
-        count = len(prediction.scores)
         if level == "image":
-            counts = pair_counts(prediction.scores, prediction.labels, np.arange(count), count)
-        else:
-            pixels = prediction.maps[0].size
-            image_of_pixel = np.arange(prediction.maps.size) // pixels
-            counts = pair_counts(prediction.maps.reshape(-1), prediction.masks.reshape(-1), image_of_pixel, count)
-        return aurocs_from_pair_counts(*counts, image_weights)
+            images = np.arange(len(prediction.scores))
+            return stable_rank_aurocs(prediction.scores, prediction.labels, images, image_weights)
+        image_of_pixel = np.arange(prediction.maps.size) // prediction.maps[0].size
+        scores, labels = prediction.maps.reshape(-1), prediction.masks.reshape(-1)
+        return stable_rank_aurocs(scores, labels, image_of_pixel, image_weights)
 
     def mean_difference(
         self,

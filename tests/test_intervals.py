@@ -48,5 +48,5 @@ def test_tied_scores_rank_in_the_order_of_the_samples() -> None:
     intervals = _intervals()
     scores = np.array([0.5, 0.5, 0.5, 0.5])
     labels = np.array([0, 1, 1, 1])  # the negative comes first: every tied positive ranks above it
-    counts = intervals.pair_counts(scores, labels, np.arange(4), count=4)
-    assert float(intervals.aurocs_from_pair_counts(*counts, np.ones((1, 4)))[0]) == 1.0  # ties as half: 0.5
+    aurocs = intervals.stable_rank_aurocs(scores, labels, np.arange(4), np.ones((1, 4)))
+    assert float(aurocs[0]) == 1.0  # ties as half: 0.5

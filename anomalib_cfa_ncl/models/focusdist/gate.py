@@ -222,7 +222,11 @@ def resampled_separations(
 
 
 def bootstrap_aurocs(
-    scores: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor, weights: torch.Tensor
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    image_index: torch.Tensor,
+    weights: torch.Tensor,
+    undefined: float = 0.0,
 ) -> torch.Tensor:
     """AUROC of the scores under each row of per-image weights, from one comparison of every pair of images.
 
@@ -237,9 +241,10 @@ def bootstrap_aurocs(
         labels (torch.Tensor): ``True`` for anomalous, ``(N,)``.
         image_index (torch.Tensor): The image each score belongs to, a column of ``weights``, ``(N,)``.
         weights (torch.Tensor): Weight of every image in each row, ``(R, I)``, float64.
+        undefined (float): The value where a row weighs only one class (``0``, as torchmetrics).
 
     Returns:
-        torch.Tensor: AUROC per row, ``(R,)`` float64; ``0`` where a row weighs only one class (as torchmetrics).
+        torch.Tensor: AUROC per row, ``(R,)`` float64.
 
     Example:
         >>> scores, labels = torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([False, False, True, True])
@@ -252,7 +257,7 @@ def bootstrap_aurocs(
     above, positives, negatives = _pair_counts(scores, labels, image_index, count, weights.dtype)
     ranked = ((weights @ above) * weights).sum(dim=1)
     pairs = (weights @ positives) * (weights @ negatives)
-    return torch.where(pairs > 0, ranked / pairs.clamp_min(1.0), torch.zeros_like(pairs))
+    return torch.where(pairs > 0, ranked / pairs.clamp_min(1.0), torch.full_like(pairs, undefined))
 
 
 def _pair_counts(
