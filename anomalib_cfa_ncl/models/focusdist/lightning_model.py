@@ -4,7 +4,8 @@ Example:
     >>> from anomalib.data import MVTecAD
     >>> from anomalib.engine import Engine
     >>> from anomalib_cfa_ncl import FocusDist
-    >>> model, datamodule = FocusDist(), MVTecAD(category="bottle")
+    >>> model = FocusDist()  # fetches ImageNet weights for its backbone  # doctest: +SKIP
+    >>> datamodule = MVTecAD(category="bottle")
     >>> engine = Engine()
     >>> engine.fit(model=model, datamodule=datamodule)  # doctest: +SKIP
     >>> engine.test(model=model, datamodule=datamodule)  # doctest: +SKIP
