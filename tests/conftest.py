@@ -14,6 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _same_random_numbers_in_every_order() -> None:
+    """Seed every test: what it draws must not depend on which tests ran before it (or it may fail by chance)."""
+    from lightning.pytorch import seed_everything
+
+    seed_everything(0, verbose=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny MVTec-format category (8 train, 4 good and 2 x 2 defective test images, 64 px)."""
