@@ -17,6 +17,8 @@ from anomalib_cfa_ncl import FocusDistModel
 from anomalib_cfa_ncl.models.focusdist.alignment import similarity_theta, warp
 from anomalib_cfa_ncl.models.focusdist.gate import (
     MAX_HELD_BACK,
+    RESAMPLES,
+    _decide_pooling,
     bootstrap_aurocs,
     cross_calibrated,
     held_back_mask,
@@ -24,6 +26,7 @@ from anomalib_cfa_ncl.models.focusdist.gate import (
     separation,
 )
 from anomalib_cfa_ncl.models.focusdist.gaussian import calibration_scale
+from anomalib_cfa_ncl.models.focusdist.pooling import GridPooling
 
 SIZE = 64
 
@@ -113,7 +116,7 @@ def test_gate_keeps_the_input_frame_for_identical_images() -> None:
     assert not bool(model.alignment_gate.enabled)
 
 
-def _unaligned_model(shrinkage: float = 0.3, calibration: bool = True) -> FocusDistModel:
+def _unaligned_model(shrinkage: float = 0.3, calibration: bool = True, grid_pooling: int = 5) -> FocusDistModel:
     torch.manual_seed(0)
     return FocusDistModel(
         backbone="resnet18",
@@ -122,6 +125,7 @@ def _unaligned_model(shrinkage: float = 0.3, calibration: bool = True) -> FocusD
         n_features=64,
         covariance_shrinkage=shrinkage,
         distance_calibration=calibration,
+        grid_pooling=grid_pooling,
     )
 
 
@@ -141,6 +145,7 @@ def test_the_chosen_shrinkage_is_the_one_fitted() -> None:
     model = _unaligned_model(shrinkage=1.0)
     model.fit_statistics([images])
     reference = _unaligned_model(shrinkage=model.gaussian.shrinkage)
+    reference.grid_pooling.enabled.copy_(model.grid_pooling.enabled)
     reference.gaussian.update(reference.eval().embed(images)[0].detach())
     reference.gaussian.finalize()
     torch.testing.assert_close(model.gaussian.precision, reference.gaussian.precision)
@@ -153,8 +158,8 @@ def test_identical_images_keep_each_locations_own_covariance() -> None:
     assert model.gaussian.shrinkage == 0.0
 
 
-def test_without_shrinkage_gate_and_calibration_no_image_is_held_back(monkeypatch) -> None:
-    model = _unaligned_model(shrinkage=0.0, calibration=False)
+def test_without_any_choice_or_calibration_no_image_is_held_back(monkeypatch) -> None:
+    model = _unaligned_model(shrinkage=0.0, calibration=False, grid_pooling=1)
     monkeypatch.setattr("anomalib_cfa_ncl.models.focusdist.torch_model.choose_scoring", _fail)
     model.fit_statistics([torch.rand(10, 3, SIZE, SIZE)])  # one pass, nothing to decide
     assert model.gaussian.is_fitted
@@ -269,3 +274,50 @@ def test_the_first_separation_is_of_all_images_the_others_of_the_resamples() -> 
             (normal[0][indices], normal[1][indices]), (anomalous[0][indices], anomalous[1][indices]), masks[indices]
         )
         torch.testing.assert_close(row, picked)
+
+
+def test_the_pooling_is_kept_only_where_it_separates_better_beyond_the_noise(caplog) -> None:
+    separations = torch.ones(RESAMPLES + 1, 2, 2, 2)  # (rows, poolings, shrinkages, calibrations)
+    separations[1 : 1 + 96, 1] = 1.1  # pooled better in 96 of 100 resamples
+    with caplog.at_level(logging.INFO):
+        assert _decide_pooling(separations, 5)
+    assert "5x5 average pooling" in caplog.text and ": pooled." in caplog.text
+    separations[1 : 1 + 96, 1] = 1.0
+    separations[1 : 1 + 94, 1] = 1.1  # 94 %: within the noise
+    assert not _decide_pooling(separations, 5)
+    assert not _decide_pooling(separations[:, :1], 5)  # no pooling candidate
+
+
+def test_the_embedding_is_pooled_only_where_chosen() -> None:
+    model = _unaligned_model().eval()
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        unpooled = model.embed(images)[0]
+        model.grid_pooling.enabled.fill_(True)
+        pooled = model.embed(images)[0]
+        with model.grid_pooling.off():
+            torch.testing.assert_close(model.embed(images)[0], unpooled)
+    torch.testing.assert_close(pooled, F.avg_pool2d(unpooled, 5, stride=1, padding=2, count_include_pad=False))
+    assert bool(model.grid_pooling.enabled)  # restored after the block
+
+
+def test_a_fit_decides_the_pooling_and_scores_as_it_decided(caplog) -> None:
+    """The log names the decision, and the Gaussian is fitted on the embedding as decided (pooled or not)."""
+    images = _noise_texture(40)
+    model = _unaligned_model()
+    with caplog.at_level(logging.INFO):
+        model.fit_statistics([images])
+    decided = bool(model.grid_pooling.enabled)
+    assert ("pooled." if decided else "not pooled.") in caplog.text
+    with torch.no_grad():
+        distance = model.gaussian.mahalanobis(model.eval().embed(images[:4])[0])
+    assert bool(torch.isfinite(distance).all())
+
+
+def test_without_a_pooling_candidate_the_embedding_passes_through_untouched() -> None:
+    """``grid_pooling=1`` (the default) adds nothing to the scoring graph: the exported model stays as it was."""
+    pooling = GridPooling(1)
+    pooling.enabled.fill_(True)  # even a checkpoint that says "pooled" cannot pool without a side
+    embedding = torch.rand(1, 4, 8, 8)
+    assert pooling(embedding) is embedding
+    assert not pooling.is_candidate

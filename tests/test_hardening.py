@@ -90,8 +90,10 @@ def test_cli_without_max_epochs_announces_only_focusdist_epochs(
         ({"map_stride": 1000}, "map_stride=1000 gives a 0x0 scoring grid at 64x64 input"),
         ({"regularization": -1.0}, "regularization must be >= 0"),
         ({"covariance_shrinkage": 2.0}, r"covariance_shrinkage must lie in \[0, 1\]"),
+        ({"grid_pooling": 4}, "grid_pooling must be an odd whole number >= 1"),
+        ({"grid_pooling": 0}, "grid_pooling must be an odd whole number >= 1"),
     ],
-    ids=["stride-0", "stride-1000", "negative-ridge", "shrinkage-2"],
+    ids=["stride-0", "stride-1000", "negative-ridge", "shrinkage-2", "pooling-even", "pooling-0"],
 )
 def test_constructor_numbers_are_checked_before_training(
     arguments: dict, fragment: str, tiny_dataset_root: Path, tmp_path: Path

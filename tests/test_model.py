@@ -12,7 +12,7 @@ from skimage import data as skimage_data
 
 from anomalib_cfa_ncl import FocusDist, FocusDistModel
 from anomalib_cfa_ncl.models.focusdist.alignment import warp
-from anomalib_cfa_ncl.models.focusdist.checkpoint import CALIBRATION_KEY
+from anomalib_cfa_ncl.models.focusdist.checkpoint import CALIBRATION_KEY, POOLING_KEY
 
 from .helpers import tiny_datamodule, tiny_engine, tiny_model
 
@@ -73,12 +73,15 @@ def test_fit_then_reload_from_checkpoint_gives_identical_scores(stages, tiny_dat
         first, second = model(images), reloaded(images)
     assert torch.equal(first.pred_score, second.pred_score)
     assert torch.equal(first.anomaly_map, second.anomaly_map)
-    if not stages:  # a 0.1.0 checkpoint has no distance calibration: it loads and scores uncalibrated, as fitted
+    if not stages:  # a 0.1.0 checkpoint has no distance calibration nor grid pooling: it scores as fitted
         assert not bool((model.model.gaussian.location_scale == 1).all())
         old = torch.load(checkpoint, weights_only=False)
         del old["state_dict"][CALIBRATION_KEY]
+        del old["state_dict"][POOLING_KEY]
+        del old["hyper_parameters"]["grid_pooling"]
         torch.save(old, tmp_path / "old.ckpt")
         legacy = FocusDist.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu").eval()
+        assert not bool(legacy.model.grid_pooling.enabled)
         model.model.gaussian.location_scale.fill_(1.0)
         with torch.no_grad():
             assert torch.equal(legacy(images).anomaly_map, model(images).anomaly_map)

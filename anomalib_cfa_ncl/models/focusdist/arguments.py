@@ -46,7 +46,7 @@ def check_scoring_grid(image_size: tuple[int, int], map_stride: int) -> None:
 
 
 def check_model_arguments(
-    backbone: str, map_stride: int, regularization: float, n_features: int | None, channels: int
+    backbone: str, map_stride: int, regularization: float, n_features: int | None, channels: int, grid_pooling: int = 1
 ) -> None:
     """Raise a one-line error, with the fix, for a constructor number FocusDist cannot work with.
 
@@ -56,6 +56,7 @@ def check_model_arguments(
         regularization (float): Covariance ridge; >= 0.
         n_features (int | None): Channels kept for the Gaussian; above ``channels`` all are kept, with a warning.
         channels (int): The number of channels of the selected backbone layers together.
+        grid_pooling (int): Side of the grid pooling candidate; an odd whole number >= 1.
 
     Raises:
         ValueError: If a number is out of its range.
@@ -63,6 +64,13 @@ def check_model_arguments(
     """
     if isinstance(map_stride, bool) or not isinstance(map_stride, numbers.Integral) or map_stride < 1:
         msg = f"map_stride must be a whole number >= 1 (8 is the default), got {map_stride!r}."
+        raise ValueError(msg)
+    whole = not isinstance(grid_pooling, bool) and isinstance(grid_pooling, numbers.Integral)
+    if not whole or grid_pooling < 1 or grid_pooling % 2 == 0:  # even sides would shift the grid by half a location
+        msg = (
+            f"grid_pooling must be an odd whole number >= 1 (1, the default, never pools; 5 lets the gate choose a "
+            f"5x5 pooling), got {grid_pooling!r}."
+        )
         raise ValueError(msg)
     if not regularization >= 0:  # also refuses NaN
         msg = f"regularization must be >= 0 (0.01 is the default), got {regularization!r}."

@@ -11,6 +11,7 @@ import torch
 # a key only a FocusDist checkpoint has: it tells our checkpoints from other models' ones
 SIGNATURE_KEY = "model.gaussian.precision_scale"
 CALIBRATION_KEY = "model.gaussian.location_scale"  # 0.1.0 checkpoints lack it
+POOLING_KEY = "model.grid_pooling.enabled"  # 0.2 checkpoints lack it
 
 
 def check_checkpoint(checkpoint: dict[str, Any]) -> None:
@@ -24,10 +25,12 @@ def check_checkpoint(checkpoint: dict[str, Any]) -> None:
 
 
 def upgrade_checkpoint(checkpoint: dict[str, Any]) -> None:
-    """Give a checkpoint written before the distance calibration existed a neutral one, so it scores as it did."""
+    """Give a checkpoint written before the calibration or the grid pooling existed neutral ones (scores unchanged)."""
     state = checkpoint["state_dict"]
     if CALIBRATION_KEY not in state:
         state[CALIBRATION_KEY] = torch.ones_like(state[SIGNATURE_KEY])
+    if POOLING_KEY not in state:
+        state[POOLING_KEY] = torch.zeros((), dtype=torch.bool)
 
 
 def checkpoint_file(path: str | Path) -> Path:

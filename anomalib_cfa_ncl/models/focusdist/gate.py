@@ -5,9 +5,14 @@ ICA loss) does not say whether scoring in the aligned frame is better: a blurred
 zoomed and shifted towards a common blotch. The gate therefore asks the question itself, on training images only.
 After training, every ``HELD_BACK_EVERY``-th training image (at most ``MAX_HELD_BACK``) is held back, a Gaussian is
 fitted on the rest in the input frame and another in the aligned frame, and the held-back images are scored in both
-frames, as they are and with a synthetic anomaly (anomalib's Perlin-noise generator, unlike any test defect). The
-aligned frame is used in evaluation only if its scores separate the two better (image AUROC plus pixel AUROC) in at
-least 95 % of bootstrap resamples of the held-back images; with 30 images a margin of a few hundredths is noise.
+frames, as they are and with synthetic anomalies of two families (:mod:`.synthetic_defects`: anomalib's Perlin
+blobs and thin Perlin lines, unlike any test defect). The aligned frame is used in evaluation only if its scores
+separate the normal from the anomalous images better (image AUROC plus pixel AUROC, the mean of the two families) in
+at least 95 % of bootstrap resamples of the held-back images; with 30 images a margin of a few hundredths is noise.
+
+The same held-back images decide the grid pooling (``grid_pooling``, :mod:`.pooling`): a second average pooling of the
+scoring embedding makes the map coarser, which separated both families better on textures and parts under random
+pose, and blurred what parts in a fixed pose needed.
 
 The same held-back images decide the covariance shrinkage: each frame's Gaussian is finalised once with each
 location's own covariance and once shrunk towards the mean covariance over all locations. On textures, whose
@@ -32,11 +37,11 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from torch import nn
 
 from .alignment import identity_theta
 from .gaussian import calibration_scale
+from .synthetic_defects import perlin_anomalies, thin_anomalies
 
 if TYPE_CHECKING:
     from .torch_model import FocusDistModel
@@ -47,7 +52,6 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes
 HELD_BACK_EVERY = 5  # every fifth training image is held back to choose the frame (20 %)
 MAX_HELD_BACK = 32  # bounds the memory of the held-back images, independent of the training set's size
 MIN_HELD_BACK = 2  # fewer held-back images say nothing: keep the input frame
-PERLIN_SEED = 0
 RESAMPLES = 100  # bootstrap resamples of the held-back images behind every decision
 CONFIDENCE = 0.95  # the less simple candidate must separate better in this share of the resamples
 BOOTSTRAP_SEED = 0
@@ -144,22 +148,6 @@ def held_back_mask(first_index: int, batch_size: int, already_held: int) -> torc
     mask = (torch.arange(first_index, first_index + batch_size) % HELD_BACK_EVERY) == 0
     room = MAX_HELD_BACK - already_held
     return mask & (mask.cumsum(0) <= room)
-
-
-def synthetic_anomalies(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add a Perlin-noise anomaly to every image, with a fixed seed so that the decision is reproducible.
-
-    Args:
-        images (torch.Tensor): Pre-processed images, shape ``(B, 3, H, W)``.
-
-    Returns:
-        tuple[torch.Tensor, torch.Tensor]: Anomalous images ``(B, 3, H, W)`` and their masks ``(B, H, W)``.
-
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(PERLIN_SEED)
-        anomalous, masks = PerlinAnomalyGenerator(probability=1.0)(images.cpu())
-    return anomalous.to(images.device, images.dtype), masks[:, 0].to(images.device) > 0.5
 
 
 def separation(
@@ -285,17 +273,18 @@ def _pair_counts(
 def choose_scoring(
     model: FocusDistModel, batches: Iterable[torch.Tensor], reduce: Reduce | None = None
 ) -> torch.Tensor | None:
-    """Decide, on its training images, the frame ``model`` scores in, its covariance shrinkage and distance calibration.
+    """Decide, on its training images, how ``model`` scores: frame, grid pooling, covariance shrinkage, calibration.
 
     The candidates are every frame the gate may choose (the input frame, the aligned frame; only the model's own
-    frame without a gate) with every shrinkage (none and ``model.covariance_shrinkage``), each calibrated or not
-    (:func:`score_candidates`). A less simple choice (the aligned frame, then the shrinkage in the chosen frame) is
-    kept only where it separates better in at least ``CONFIDENCE`` of ``RESAMPLES`` bootstrap resamples of the
-    held-back images: a difference within their noise is no difference. The calibration is kept unless the
-    uncalibrated scores separate better in ``CONFIDENCE`` of the resamples; the chosen candidate's mean distances
-    over all held-back images are then the calibration returned.
+    frame without a gate) with and without the grid pooling (where ``model.grid_pooling`` is a candidate) and with
+    every shrinkage (none and ``model.covariance_shrinkage``), each calibrated or not (:func:`score_candidates`). A
+    less simple choice (the aligned frame, then the pooling and the shrinkage in the chosen frame) is kept only where
+    it separates better in at least ``CONFIDENCE`` of ``RESAMPLES`` bootstrap resamples of the held-back images: a
+    difference within their noise is no difference. The calibration is kept unless the uncalibrated scores separate
+    better in ``CONFIDENCE`` of the resamples; the chosen candidate's mean distances over all held-back images are
+    then the calibration returned.
     Runs in evaluation mode without gradients (inside :meth:`FocusDistModel.fit_statistics`); sets
-    ``model.alignment_gate`` and ``model.gaussian.shrinkage``.
+    ``model.alignment_gate``, ``model.grid_pooling.enabled`` and ``model.gaussian.shrinkage``.
 
     Args:
         model (FocusDistModel): The trained model.
@@ -309,18 +298,23 @@ def choose_scoring(
 
     """
     shrinkages = [0.0, model.covariance_shrinkage] if model.covariance_shrinkage > 0 else [0.0]
+    model.grid_pooling.enabled.fill_(False)
     scored = score_candidates(model, batches, shrinkages, reduce)
     model.gaussian.shrinkage = 0.0
     if scored is None:
         return None
     chosen_frame = _decide_frame(model.alignment_gate, scored)
-    in_frame = scored.separations[:, chosen_frame]  # (R + 1, shrinkages, calibrations)
-    model.gaussian.shrinkage = _decide_shrinkage(in_frame, shrinkages)
+    in_frame = scored.separations[:, chosen_frame]  # (R + 1, poolings, shrinkages, calibrations)
+    pooled = _decide_pooling(in_frame, model.grid_pooling.side)
+    model.grid_pooling.enabled.fill_(pooled)
+    in_pooling = in_frame[:, int(pooled)]  # (R + 1, shrinkages, calibrations)
+    model.gaussian.shrinkage = _decide_shrinkage(in_pooling, shrinkages)
     if not model.distance_calibration:
         return None
     shrinkage_index = shrinkages.index(model.gaussian.shrinkage)
-    scale = scored.scales[chosen_frame * len(shrinkages) + shrinkage_index]
-    return _decide_calibration(in_frame[:, shrinkage_index], scale, scored.grid)
+    poolings = scored.separations.shape[2]
+    scale = scored.scales[(chosen_frame * poolings + int(pooled)) * len(shrinkages) + shrinkage_index]
+    return _decide_calibration(in_pooling[:, shrinkage_index], scale, scored.grid)
 
 
 @dataclass
@@ -328,10 +322,11 @@ class ScoredCandidates:
     """How well every scoring candidate separated the held-back images, and the calibration each one would use.
 
     Attributes:
-        separations (torch.Tensor): Image plus pixel AUROC of all held-back images, then of each bootstrap resample,
-            per frame, shrinkage and calibration (calibrated first), ``(RESAMPLES + 1, frames, shrinkages,
-            calibrations)``.
-        scales (list[torch.Tensor]): The calibration scale ``(L,)`` of each frame and shrinkage, frame-major.
+        separations (torch.Tensor): Image plus pixel AUROC (the mean of the synthetic families) of all held-back
+            images, then of each bootstrap resample, per frame, grid pooling (none first), shrinkage and calibration
+            (calibrated first), ``(RESAMPLES + 1, frames, poolings, shrinkages, calibrations)``.
+        scales (list[torch.Tensor]): The calibration scale ``(L,)`` of each frame, pooling and shrinkage, in that
+            order (frame-major).
         held_back (int): Held-back images, over all processes.
         grid (tuple[int, ...]): The scoring grid ``(h, w)``.
 
@@ -346,12 +341,14 @@ class ScoredCandidates:
 def score_candidates(
     model: FocusDistModel, batches: Iterable[torch.Tensor], shrinkages: list[float], reduce: Reduce | None = None
 ) -> ScoredCandidates | None:
-    """Score the held-back images, as they are and with a synthetic anomaly, under every candidate fitted on the rest.
+    """Score the held-back images, as they are and with synthetic anomalies, under every candidate fitted on the rest.
 
-    One pass over the images fits a Gaussian per frame on all but the held-back ones; its shrinkage variants share
-    its sums, and all of a frame's candidates share one backbone pass over the held-back images. With
-    ``model.distance_calibration`` every candidate is also judged calibrated, each half of the held-back images by the
-    other half's mean distances (cross-fitting: no image calibrates its own score).
+    One pass over the images fits a Gaussian per frame and grid pooling on all but the held-back ones; its shrinkage
+    variants share its sums, and all of a frame's candidates share one backbone pass over the held-back images (the
+    pooling is applied to its embedding). With ``model.distance_calibration`` every candidate is also judged
+    calibrated, each half of the held-back images by the other half's mean distances (cross-fitting: no image
+    calibrates its own score). Each held-back image is scored with an anomaly of each family
+    (:mod:`.synthetic_defects`); a candidate's separation is the mean of the two families'.
 
     Args:
         model (FocusDistModel): The trained model, in evaluation mode.
@@ -366,17 +363,21 @@ def score_candidates(
     """
     gate = model.alignment_gate
     frames = (False, True) if gate is not None else (None,)  # None: the model's own frame, no choice
-    gaussians = {aligned: model.gaussian.fresh() for aligned in frames}
+    poolings = (False, True) if model.grid_pooling.is_candidate else (False,)
+    gaussians = {(aligned, pooled): model.gaussian.fresh() for aligned in frames for pooled in poolings}
     held_back: list[torch.Tensor] = []
     seen = held = 0
-    for images in batches:
-        mask = held_back_mask(seen, images.shape[0], held)
-        seen, held = seen + images.shape[0], held + int(mask.sum())
-        held_back.append(images[mask])
-        if not mask.all():
-            for aligned, gaussian in gaussians.items():
-                with _frame(gate, aligned):
-                    gaussian.update(model.embed(images[~mask])[0])
+    with model.grid_pooling.off():
+        for images in batches:
+            mask = held_back_mask(seen, images.shape[0], held)
+            seen, held = seen + images.shape[0], held + int(mask.sum())
+            held_back.append(images[mask])
+            if not mask.all():
+                for aligned in frames:
+                    with _frame(gate, aligned):
+                        embedding = model.embed(images[~mask])[0]
+                    for pooled in poolings:
+                        gaussians[aligned, pooled].update(_pooled(model, embedding, pooled))
     # every process takes the same branch: the decision rests on counts summed over processes
     counts = torch.tensor([held, seen - held, float(held == 0 or seen == held)], dtype=torch.float64)
     counts = reduce(counts) if reduce is not None else counts
@@ -387,28 +388,69 @@ def score_candidates(
             logger.info("FocusDist: too few training images to hold some back: the distances are not calibrated.")
         return None
     normal = torch.cat(held_back)
-    anomalous, masks = synthetic_anomalies(normal)
+    families = [perlin_anomalies(normal), thin_anomalies(normal)]
     resamples = torch.randint(held, (RESAMPLES, held), generator=torch.Generator().manual_seed(BOOTSTRAP_SEED))
     calibrations = (True, False) if model.distance_calibration else (False,)
     results, scales = [], []
-    for aligned, gaussian in gaussians.items():
-        with _frame(gate, aligned):
-            embedded = [model.embed(images) for images in (normal, anomalous)]
-        for variant in gaussian.finalize_variants(shrinkages, reduce):
-            raw = [variant.mahalanobis(embedding) for embedding, _ in embedded]
-            grid = tuple(raw[0].shape[-2:])
-            scales.append(calibration_scale(_summed(raw[0], reduce), float(counts[0])))
-            for calibrated in calibrations:
-                distances = cross_calibrated(*raw, reduce) if calibrated else raw
-                scored = [
-                    _maps(model, distance, theta, normal.shape[-2:])
-                    for distance, (_, theta) in zip(distances, embedded, strict=True)
-                ]
-                results.append(resampled_separations(*scored, masks, resamples.to(normal.device)) * held)
+    for aligned in frames:
+        with _frame(gate, aligned), model.grid_pooling.off():
+            embedded = [model.embed(images) for images in (normal, *(anomalous for anomalous, _ in families))]
+        for pooled in poolings:
+            pooled_embeddings = [_pooled(model, embedding, pooled) for embedding, _ in embedded]
+            for variant in gaussians[aligned, pooled].finalize_variants(shrinkages, reduce):
+                distances = [variant.mahalanobis(embedding) for embedding in pooled_embeddings]
+                scales.append(calibration_scale(_summed(distances[0], reduce), float(counts[0])))
+                thetas = [theta for _, theta in embedded]
+                for calibrated in calibrations:
+                    separation = _family_mean_separation(
+                        model, distances, thetas, families, calibrated, resamples, reduce
+                    )
+                    results.append(separation * held)
     total = torch.stack(results, dim=1).to(torch.float64)  # (R + 1, candidates), weighted by each process's images
     total = ((reduce(total) if reduce is not None else total) / counts[0]).float()
-    total = total.view(RESAMPLES + 1, len(frames), len(shrinkages), len(calibrations))
+    total = total.view(RESAMPLES + 1, len(frames), len(poolings), len(shrinkages), len(calibrations))
+    grid = tuple(embedded[0][0].shape[-2:])
     return ScoredCandidates(total, scales, int(counts[0]), grid)
+
+
+def _pooled(model: FocusDistModel, embedding: torch.Tensor, pooled: bool) -> torch.Tensor:
+    """The embedding ``(B, D, h, w)`` with the model's grid pooling applied or not."""
+    return model.grid_pooling.pool(embedding) if pooled else embedding
+
+
+def _family_mean_separation(
+    model: FocusDistModel,
+    distances: list[torch.Tensor],
+    thetas: list[torch.Tensor],
+    families: list[tuple[torch.Tensor, torch.Tensor]],
+    calibrated: bool,
+    resamples: torch.Tensor,
+    reduce: Reduce | None,
+) -> torch.Tensor:
+    """Separation of the normal held-back images from each family's anomalous copies, the mean of the families.
+
+    Args:
+        model (FocusDistModel): The model (its anomaly-map generator).
+        distances (list[torch.Tensor]): A candidate's distances ``(B, h, w)`` of the normal images, then of each
+            family's anomalous copies.
+        thetas (list[torch.Tensor]): The total transform ``(B, 2, 3)`` of each, in the same order.
+        families (list[tuple[torch.Tensor, torch.Tensor]]): Each family's anomalous images and masks ``(B, H, W)``.
+        calibrated (bool): Judge the distances cross-calibrated (:func:`cross_calibrated`).
+        resamples (torch.Tensor): Image indices of each bootstrap resample, ``(R, B)``.
+        reduce (Callable | None): Sums a tensor over processes; ``None`` in one process.
+
+    Returns:
+        torch.Tensor: Image plus pixel AUROC of all images, then of each resample, ``(R + 1,)``.
+
+    """
+    image_size = families[0][1].shape[-2:]
+    separations = []
+    for distance, theta, (_, masks) in zip(distances[1:], thetas[1:], families, strict=True):
+        pair = cross_calibrated(distances[0], distance, reduce) if calibrated else (distances[0], distance)
+        normal_scored = _maps(model, pair[0], thetas[0], image_size)
+        anomalous_scored = _maps(model, pair[1], theta, image_size)
+        separations.append(resampled_separations(normal_scored, anomalous_scored, masks, resamples))
+    return torch.stack(separations).mean(dim=0)
 
 
 def _decide_frame(gate: AlignmentGate | None, scored: ScoredCandidates) -> int:
@@ -420,11 +462,44 @@ def _decide_frame(gate: AlignmentGate | None, scored: ScoredCandidates) -> int:
     return int(gate.enabled)
 
 
+def _decide_pooling(in_frame: torch.Tensor, side: int) -> bool:
+    """Whether to pool the grid: where the pooled candidates separate better beyond the noise.
+
+    Args:
+        in_frame (torch.Tensor): Separations in the chosen frame, ``(RESAMPLES + 1, poolings, shrinkages,
+            calibrations)``, unpooled first.
+        side (int): The pooling's side (for the log).
+
+    Returns:
+        bool: ``True`` to pool.
+
+    """
+    if in_frame.shape[1] == 1:
+        return False
+    best = in_frame.flatten(2).amax(dim=2)
+    wins = _share_better(best[1:, 1], best[1:, 0])
+    pooled = wins >= CONFIDENCE
+    logger.info(
+        "FocusDist: in the chosen frame, image + pixel AUROC of the held-back images is %.3f on the scoring grid and "
+        "%.3f with a %dx%d average pooling of it, which was better in %.0f %% of %d resamples (%.0f %% needed): %s.",
+        float(best[0, 0]),
+        float(best[0, 1]),
+        side,
+        side,
+        100 * wins,
+        RESAMPLES,
+        100 * CONFIDENCE,
+        "pooled" if pooled else "not pooled",
+    )
+    return pooled
+
+
 def _decide_shrinkage(in_frame: torch.Tensor, shrinkages: list[float]) -> float:
     """The covariance shrinkage: the candidate's where it separates better beyond the noise, else ``0``.
 
     Args:
-        in_frame (torch.Tensor): Separations in the chosen frame, ``(RESAMPLES + 1, shrinkages, calibrations)``.
+        in_frame (torch.Tensor): Separations in the chosen frame and pooling, ``(RESAMPLES + 1, shrinkages,
+            calibrations)``.
         shrinkages (list[float]): The shrinkages compared, ``0`` first.
 
     Returns:

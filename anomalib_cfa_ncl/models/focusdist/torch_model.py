@@ -27,6 +27,7 @@ from .backbone import NonFiniteImages, checked_images, create_feature_extractor,
 from .gate import AlignmentGate, Reduce, choose_scoring
 from .gaussian import StreamingGaussian, channel_subset
 from .loss import NCLHead, TrainingOutput, at_most_grid
+from .pooling import GridPooling
 
 
 def _layer_key(layer: str) -> str:
@@ -68,6 +69,9 @@ class FocusDistModel(nn.Module):
             training images there (:mod:`.gate`), so that the border, where normal images score higher, does not
             decide the image score.
         blur_sigma (float): Standard deviation of the anomaly-map blur, in input pixels.
+        grid_pooling (int): Odd side of a second average pooling of the scoring embedding (a coarser map), used
+            where it scores held-back training images with synthetic anomalies better than none (:mod:`.gate`);
+            ``1`` never pools.
 
     Example:
         >>> model = FocusDistModel(backbone="resnet18", pre_trained=False, feature_alignment=True, ncl=True)
@@ -97,6 +101,7 @@ class FocusDistModel(nn.Module):
         covariance_shrinkage: float = 0.3,
         distance_calibration: bool = True,
         blur_sigma: float = 4.0,
+        grid_pooling: int = 1,
     ) -> None:
         super().__init__()
         layers = list(layers) if layers is not None else ["layer1", "layer2", "layer3"]
@@ -107,7 +112,7 @@ class FocusDistModel(nn.Module):
         # channels-last: on CPU, depthwise convolutions' input gradients are up to 100x faster in this layout
         self.feature_extractor.to(memory_format=torch.channels_last)
         channels = self.feature_extractor.feature_info.channels()
-        check_model_arguments(backbone, map_stride, regularization, n_features, sum(channels))
+        check_model_arguments(backbone, map_stride, regularization, n_features, sum(channels), grid_pooling)
         self.min_input_size = max(self.feature_extractor.feature_info.reduction())
 
         self.image_transformer = SimilarityTransformer(3) if image_alignment else None
@@ -120,6 +125,7 @@ class FocusDistModel(nn.Module):
                 feature_module(self.feature_extractor, layer).register_forward_hook(hook)
         self.register_buffer("feature_index", channel_subset(sum(channels), n_features))
         self.feature_index: torch.Tensor
+        self.grid_pooling = GridPooling(grid_pooling)  # the candidate; grid_pooling.enabled is the decision
         self.covariance_shrinkage = covariance_shrinkage  # the candidate; gaussian.shrinkage is the one chosen
         self.distance_calibration = distance_calibration
         statistics = (regularization, statistics_dtype, statistics_neighbourhood, covariance_shrinkage)
@@ -184,7 +190,7 @@ class FocusDistModel(nn.Module):
             size (tuple[int, int]): The scoring grid ``(h, w)``.
 
         Returns:
-            torch.Tensor: Embedding, shape ``(B, n_features, h, w)``.
+            torch.Tensor: Embedding, shape ``(B, n_features, h, w)``, pooled over the grid where that was chosen.
 
         """
         features = aligned.features
@@ -202,7 +208,7 @@ class FocusDistModel(nn.Module):
                 )
             resampled.insert(0, warp(layer_features, to_deepest, size=size, padding_mode="border"))
             to_deepest = compose_theta(aligned.stage_thetas[index], to_deepest)
-        return torch.cat(resampled, dim=1).index_select(1, self.feature_index)
+        return self.grid_pooling(torch.cat(resampled, dim=1).index_select(1, self.feature_index))
 
     def grid_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Return the scoring grid ``(h, w)`` for an input size ``(H, W)``."""
@@ -239,9 +245,10 @@ class FocusDistModel(nn.Module):
     def fit_statistics(self, batches: Iterable[torch.Tensor], reduce: Reduce | None = None) -> None:
         """Fit what scoring needs from the training images: the alignment gate's decision, then the Gaussian.
 
-        Two passes over ``batches``: the input or the aligned frame, with or without covariance shrinkage, compared
-        on held-back images, which also give the distance calibration (:func:`.gate.choose_scoring`); then the
-        Gaussian is fitted on all images as chosen. One pass when there is nothing to choose or calibrate.
+        Two passes over ``batches``: the input or the aligned frame, with or without the grid pooling and covariance
+        shrinkage, compared on held-back images, which also give the distance calibration
+        (:func:`.gate.choose_scoring`); then the Gaussian is fitted on all images as chosen. One pass when there is
+        nothing to choose or calibrate.
         Runs in evaluation mode without gradients and restores the training mode.
 
         Args:
@@ -263,7 +270,7 @@ class FocusDistModel(nn.Module):
         # not in inference mode: the fitted buffers must stay ordinary tensors that later training can update
         with torch.inference_mode(False), torch.no_grad():
             scale = None
-            if self.alignment_gate is not None or self.covariance_shrinkage > 0 or self.distance_calibration:
+            if self._has_choices():
                 scale = choose_scoring(self, batches, reduce)
             self.gaussian.reset()
             for images in batches:
@@ -273,6 +280,15 @@ class FocusDistModel(nn.Module):
             if scale is not None:
                 self.gaussian.calibrate(scale)
         self.train(was_training)
+
+    def _has_choices(self) -> bool:
+        """Whether fitting the statistics has something to choose or calibrate on held-back images first."""
+        return (
+            self.alignment_gate is not None
+            or self.grid_pooling.is_candidate
+            or self.covariance_shrinkage > 0
+            or self.distance_calibration
+        )
 
     def forward(self, images: torch.Tensor) -> TrainingOutput | InferenceBatch:
         """Training: what the loss needs. Evaluation: anomaly scores and maps.
