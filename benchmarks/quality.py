@@ -146,7 +146,8 @@ def run(name: str, category: str, args: argparse.Namespace) -> dict:
         result["alignment_kept"] = bool(gate.enabled)
         result["gate_separation"] = gate.separation.tolist()
         result["gate_wins"] = gate.wins  # share of the held-back resamples in which the aligned frame won
-    if focusdist:  # the covariance shrinkage and the distance calibration chosen on the training images alone
+    if focusdist:  # the grid pooling, covariance shrinkage and calibration chosen on the training images alone
+        result["grid_pooled"] = bool(model.model.grid_pooling.enabled)
         result["covariance_shrinkage"] = model.model.gaussian.shrinkage
         result["distance_calibrated"] = not bool((model.model.gaussian.location_scale == 1).all())
     if curve:
