@@ -222,8 +222,8 @@ def test_calibration_is_dropped_where_the_held_back_images_score_worse_with_it(m
     model.fit_statistics([_noisy_photo()])
     assert not bool((model.gaussian.location_scale == 1).all())  # kept here: it scores the held-back images better
 
-    def swapped(normal: torch.Tensor, anomalous: torch.Tensor, _reduce: object = None) -> tuple:
-        return anomalous, normal  # a "calibration" that makes normal images look anomalous
+    def swapped(normal: torch.Tensor, *anomalous: torch.Tensor, reduce: object = None) -> tuple:
+        return anomalous[0], *(normal for _ in anomalous)  # a "calibration" that makes normal images look anomalous
 
     monkeypatch.setattr("anomalib_cfa_ncl.models.focusdist.gate.cross_calibrated", swapped)
     model = _unaligned_model(shrinkage=0.0)

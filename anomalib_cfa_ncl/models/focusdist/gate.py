@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,6 +41,7 @@ from torch import nn
 
 from .alignment import identity_theta
 from .gaussian import calibration_scale
+from .pooling import flag_held
 from .synthetic_defects import perlin_anomalies, thin_anomalies
 
 if TYPE_CHECKING:
@@ -80,15 +81,9 @@ class AlignmentGate(nn.Module):
         self.separation: torch.Tensor
         self.wins: float | None = None  # share of resamples the aligned frame won (the last decision; not saved)
 
-    @contextmanager
-    def frame(self, aligned: bool) -> Iterator[None]:
+    def frame(self, aligned: bool) -> AbstractContextManager[None]:
         """Evaluate in the given frame for the duration of the block, whatever was decided."""
-        decided = self.enabled.clone()
-        self.enabled.fill_(aligned)
-        try:
-            yield
-        finally:
-            self.enabled.copy_(decided)
+        return flag_held(self.enabled, aligned)
 
     def decide(self, separation: torch.Tensor | None, images_held_back: int, wins: float = 0.0) -> None:
         """Keep the alignment if it separates the held-back images better beyond their noise (else: input frame).
@@ -395,12 +390,12 @@ def score_candidates(
     for aligned in frames:
         with _frame(gate, aligned), model.grid_pooling.off():
             embedded = [model.embed(images) for images in (normal, *(anomalous for anomalous, _ in families))]
+        thetas = [theta for _, theta in embedded]
         for pooled in poolings:
             pooled_embeddings = [_pooled(model, embedding, pooled) for embedding, _ in embedded]
             for variant in gaussians[aligned, pooled].finalize_variants(shrinkages, reduce):
                 distances = [variant.mahalanobis(embedding) for embedding in pooled_embeddings]
                 scales.append(calibration_scale(_summed(distances[0], reduce), float(counts[0])))
-                thetas = [theta for _, theta in embedded]
                 for calibrated in calibrations:
                     separation = _family_mean_separation(
                         model, distances, thetas, families, calibrated, resamples, reduce
@@ -444,12 +439,13 @@ def _family_mean_separation(
 
     """
     image_size = families[0][1].shape[-2:]
-    separations = []
-    for distance, theta, (_, masks) in zip(distances[1:], thetas[1:], families, strict=True):
-        pair = cross_calibrated(distances[0], distance, reduce) if calibrated else (distances[0], distance)
-        normal_scored = _maps(model, pair[0], thetas[0], image_size)
-        anomalous_scored = _maps(model, pair[1], theta, image_size)
-        separations.append(resampled_separations(normal_scored, anomalous_scored, masks, resamples))
+    if calibrated:
+        distances = list(cross_calibrated(*distances, reduce=reduce))
+    normal_scored = _maps(model, distances[0], thetas[0], image_size)  # the same for every family
+    separations = [
+        resampled_separations(normal_scored, _maps(model, distance, theta, image_size), masks, resamples)
+        for distance, theta, (_, masks) in zip(distances[1:], thetas[1:], families, strict=True)
+    ]
     return torch.stack(separations).mean(dim=0)
 
 
@@ -561,18 +557,19 @@ def _decide_calibration(separations: torch.Tensor, scale: torch.Tensor, grid: tu
 
 
 def cross_calibrated(
-    normal: torch.Tensor, anomalous: torch.Tensor, reduce: Reduce | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    normal: torch.Tensor, *anomalous: torch.Tensor, reduce: Reduce | None = None
+) -> tuple[torch.Tensor, ...]:
     """Calibrate held-back distances half by half, each half by the other half's normal distances.
 
     Args:
         normal (torch.Tensor): Distances of the held-back normal images, ``(B, h, w)``.
-        anomalous (torch.Tensor): Distances of the same images with a synthetic anomaly, ``(B, h, w)``.
+        *anomalous (torch.Tensor): Distances of the same images with a synthetic anomaly, ``(B, h, w)`` each (one
+            per family of anomalies).
         reduce (Callable | None): Sums a tensor over processes; ``None`` in one process.
 
     Returns:
-        tuple[torch.Tensor, torch.Tensor]: Both calibrated, same shapes. Image ``i`` (the ``i``-th held back in its
-        process) is divided by the scale of the images of the other parity.
+        tuple[torch.Tensor, ...]: All calibrated, ``normal`` first, same shapes. Image ``i`` (the ``i``-th held back in
+        its process) is divided by the scale of the images of the other parity.
 
     """
     even = (torch.arange(normal.shape[0], device=normal.device) % 2 == 0)[:, None, None]
@@ -582,7 +579,7 @@ def cross_calibrated(
         calibration_scale(_summed(normal[part], reduce), float(n)).view(normal.shape[1:])
         for part, n in ((~even[:, 0, 0], count[1]), (even[:, 0, 0], count[0]))
     )
-    return tuple(torch.where(even, d / odd_scale, d / even_scale) for d in (normal, anomalous))
+    return tuple(torch.where(even, d / odd_scale, d / even_scale) for d in (normal, *anomalous))
 
 
 def _summed(distance: torch.Tensor, reduce: Reduce | None) -> torch.Tensor:

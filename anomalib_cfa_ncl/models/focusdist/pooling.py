@@ -9,7 +9,7 @@ its own training images, like the frame and the covariance shrinkage.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -45,7 +45,7 @@ class GridPooling(nn.Module):
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         """The pooled embedding where pooling was chosen, else ``embedding`` itself, ``(B, D, h, w)``."""
-        if self.side <= 1:
+        if not self.is_candidate:
             return embedding
         # a tensor condition, not a Python branch: the exported graph follows the decision stored in the buffer
         return torch.where(self.enabled, self.pool(embedding), embedding)
@@ -55,12 +55,27 @@ class GridPooling(nn.Module):
         """Whether there is a pooling to choose (``side > 1``)."""
         return self.side > 1
 
-    @contextmanager
-    def off(self) -> Iterator[None]:
+    def off(self) -> AbstractContextManager[None]:
         """Return the unpooled embedding for the duration of the block, whatever was decided."""
-        decided = self.enabled.clone()
-        self.enabled.fill_(False)
-        try:
-            yield
-        finally:
-            self.enabled.copy_(decided)
+        return flag_held(self.enabled, False)
+
+
+@contextmanager
+def flag_held(flag: torch.Tensor, value: bool) -> Iterator[None]:
+    """Hold a boolean decision buffer at ``value`` for the duration of the block, then restore what was decided.
+
+    Example:
+        >>> flag = torch.ones((), dtype=torch.bool)
+        >>> with flag_held(flag, False):
+        ...     bool(flag)
+        False
+        >>> bool(flag)
+        True
+
+    """
+    decided = flag.clone()
+    flag.fill_(value)
+    try:
+        yield
+    finally:
+        flag.copy_(decided)
