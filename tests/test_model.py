@@ -140,3 +140,15 @@ def test_statistics_are_fitted_once_for_a_validation_after_the_last_epoch(tiny_d
     engine.fit(model, datamodule=tiny_datamodule(tiny_dataset_root))
     assert len(fits) == 1
     assert engine.trainer.check_val_every_n_epoch == 3
+
+
+def test_mixed_precision_training_runs_all_three_stages(tiny_dataset_root, tmp_path) -> None:
+    """``--trainer.precision bf16-mixed`` (the CPU's mixed precision; GPUs also take 16-mixed) trains and scores."""
+    model = tiny_model(feature_alignment=True, ncl=True)
+    tiny_engine(tmp_path, precision="bf16-mixed").fit(model, datamodule=tiny_datamodule(tiny_dataset_root))
+    model.eval()
+    with torch.no_grad():
+        output = model(torch.rand(2, 3, 64, 64))
+    assert output.anomaly_map.dtype == torch.float32
+    assert torch.isfinite(output.anomaly_map).all()
+    assert torch.isfinite(output.pred_score).all()

@@ -21,6 +21,8 @@ from kornia.geometry.conversions import convert_affinematrix_to_homography, deno
 from kornia.geometry.transform import get_affine_matrix2d, invert_affine_transform, warp_affine
 from torch import nn
 
+from .precision import at_least_float32, full_precision
+
 IMAGE_POOL_SIZE = 32
 FEATURE_POOL_SIZE = 16  # feature-level transformers: smaller input, tighter bounds
 FEATURE_MAX_ANGLE = math.pi / 8
@@ -38,11 +40,13 @@ def low_pass_copy(images: torch.Tensor) -> torch.Tensor:
         images (torch.Tensor): Images, shape ``(B, C, H, W)``.
 
     Returns:
-        torch.Tensor: Low-pass copy, shape ``(B, C, ICA_SIZE, ICA_SIZE)``.
+        torch.Tensor: Low-pass copy in float32, shape ``(B, C, ICA_SIZE, ICA_SIZE)``.
 
     """
-    blurred = gaussian_blur2d(images, (ICA_BLUR_KERNEL, ICA_BLUR_KERNEL), (ICA_BLUR_SIGMA, ICA_BLUR_SIGMA))
-    return F.interpolate(blurred, size=(ICA_SIZE, ICA_SIZE), mode="bilinear", align_corners=False, antialias=True)
+    with full_precision(images.device.type):  # antialiased resizing has no bfloat16 kernel on the CPU
+        images = at_least_float32(images)
+        blurred = gaussian_blur2d(images, (ICA_BLUR_KERNEL, ICA_BLUR_KERNEL), (ICA_BLUR_SIGMA, ICA_BLUR_SIGMA))
+        return F.interpolate(blurred, size=(ICA_SIZE, ICA_SIZE), mode="bilinear", align_corners=False, antialias=True)
 
 
 def similarity_theta(params: torch.Tensor, max_angle: float, max_log_scale: float, max_shift: float) -> torch.Tensor:
@@ -56,14 +60,18 @@ def similarity_theta(params: torch.Tensor, max_angle: float, max_log_scale: floa
         max_shift (float): Largest translation in normalised units (``0.5`` is a quarter of the side).
 
     Returns:
-        torch.Tensor: Affine matrices ``[[s cos a, -s sin a, tx], [s sin a, s cos a, ty]]``, shape ``(B, 2, 3)``.
+        torch.Tensor: Affine matrices ``[[s cos a, -s sin a, tx], [s sin a, s cos a, ty]]``, shape ``(B, 2, 3)``,
+        in float32 when ``params`` are in half precision.
 
     """
-    angle = max_angle * torch.tanh(params[:, 0])
-    scale = torch.exp(max_log_scale * torch.tanh(params[:, 1]))
-    shift = max_shift * torch.tanh(params[:, 2:4])
-    # about the origin, the centre of the normalised frame; kornia's angle is in degrees
-    matrix = get_affine_matrix2d(shift, torch.zeros_like(shift), scale[:, None].expand(-1, 2), torch.rad2deg(angle))
+    with full_precision(params.device.type):
+        params = at_least_float32(params)
+        angle = max_angle * torch.tanh(params[:, 0])
+        scale = torch.exp(max_log_scale * torch.tanh(params[:, 1]))
+        shift = max_shift * torch.tanh(params[:, 2:4])
+        # about the origin, the centre of the normalised frame; kornia's angle is in degrees
+        center = torch.zeros_like(shift)
+        matrix = get_affine_matrix2d(shift, center, scale[:, None].expand(-1, 2), torch.rad2deg(angle))
     return matrix[:, :2]
 
 
@@ -86,7 +94,9 @@ def compose_theta(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
         torch.Tensor: The composed warp, shape ``(B, 2, 3)``.
 
     """
-    return (convert_affinematrix_to_homography(outer) @ convert_affinematrix_to_homography(inner))[:, :2]
+    with full_precision(outer.device.type):
+        outer, inner = at_least_float32(outer), at_least_float32(inner)
+        return (convert_affinematrix_to_homography(outer) @ convert_affinematrix_to_homography(inner))[:, :2]
 
 
 def warp(
@@ -111,15 +121,21 @@ def warp(
         inverse (bool): Warp by the inverse of ``theta`` (back from the aligned frame), without inverting it.
 
     Returns:
-        torch.Tensor: Warped tensor, shape ``(B, C, h, w)``.
+        torch.Tensor: Warped tensor in the input's dtype (computed in float32 at least), shape ``(B, C, h, w)``.
 
     """
     source = (int(tensor.shape[-2]), int(tensor.shape[-1]))
     size = (int(size[0]), int(size[1])) if size is not None else source
-    theta = theta.to(tensor.dtype)
-    forward = theta if inverse else invert_affine_transform(theta)
-    pixels = denormalize_homography(convert_affinematrix_to_homography(forward), source, size, align_corners=False)
-    return warp_affine(tensor, pixels[:, :2], size, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    dtype = tensor.dtype
+    with full_precision(tensor.device.type):
+        tensor = at_least_float32(tensor)
+        theta = theta.to(tensor.dtype)
+        forward = theta if inverse else invert_affine_transform(theta)
+        pixels = denormalize_homography(convert_affinematrix_to_homography(forward), source, size, align_corners=False)
+        warped = warp_affine(
+            tensor, pixels[:, :2], size, mode="bilinear", padding_mode=padding_mode, align_corners=False
+        )
+    return warped if warped.dtype == dtype else warped.to(dtype)
 
 
 class SimilarityTransformer(nn.Module):

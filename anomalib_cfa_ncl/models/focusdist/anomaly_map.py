@@ -8,6 +8,7 @@ from kornia.filters import GaussianBlur2d
 from torch import nn
 
 from .alignment import warp
+from .precision import at_least_float32, full_precision
 
 
 class AnomalyMapGenerator(nn.Module):
@@ -43,5 +44,7 @@ class AnomalyMapGenerator(nn.Module):
             torch.Tensor: Anomaly map aligned with the input pixels, shape ``(B, 1, H, W)``.
 
         """
-        anomaly_map = warp(distance.unsqueeze(1), theta, size=image_size, padding_mode="border", inverse=True)
-        return self.blur(anomaly_map)
+        with full_precision(distance.device.type):
+            distance = at_least_float32(distance)
+            anomaly_map = warp(distance.unsqueeze(1), theta, size=image_size, padding_mode="border", inverse=True)
+            return self.blur(anomaly_map)

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 import torch
 from anomalib.models.components.base import DynamicBufferMixin
 
+from .precision import at_least_float32, full_precision
+
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 SUBSET_SEED = 0
 # A region every normal image shares exactly (a constant background) has distances near 0: bounding its calibration
@@ -266,10 +268,12 @@ class StreamingGaussian(DynamicBufferMixin):
 
         """
         batch, dim, height, width = embedding.shape
-        delta = embedding.reshape(batch, dim, -1).permute(2, 0, 1) - self.mean.unsqueeze(1)  # (L, B, D)
-        precision = self.precision.to(delta.dtype) * self.precision_scale[:, None, None].to(delta.dtype)
-        squared = ((delta @ precision) * delta).sum(dim=2).clamp_min(0)  # (L, B)
-        distance = squared.sqrt() / self.location_scale.to(delta.dtype)[:, None]
+        with full_precision(embedding.device.type):  # half-precision distances would round away subtle defects
+            embedding = at_least_float32(embedding)
+            delta = embedding.reshape(batch, dim, -1).permute(2, 0, 1) - self.mean.unsqueeze(1)  # (L, B, D)
+            precision = self.precision.to(delta.dtype) * self.precision_scale[:, None, None].to(delta.dtype)
+            squared = ((delta @ precision) * delta).sum(dim=2).clamp_min(0)  # (L, B)
+            distance = squared.sqrt() / self.location_scale.to(delta.dtype)[:, None]
         return distance.transpose(0, 1).reshape(batch, height, width)
 
 
