@@ -126,27 +126,29 @@ class PairedBootstrap:
     def mean_difference(
         self,
         model: dict[str, CategoryPredictions],
-        reference: dict[str, CategoryPredictions],
+        reference: dict[str, CategoryPredictions] | list[dict[str, CategoryPredictions]],
         level: str,
     ) -> tuple[float, float, float]:
         """Mean over categories of ``model - reference`` AUROC, with its 95 % bootstrap interval.
 
         Args:
             model (dict[str, CategoryPredictions]): Per category, the model's predictions.
-            reference (dict[str, CategoryPredictions]): Per category, the reference model's predictions.
+            reference (dict[str, CategoryPredictions] | list[dict[str, CategoryPredictions]]): Per category, the
+                reference model's predictions; or several runs of it (seeds), whose AUROCs are averaged on every
+                resample, so that the run-to-run noise of the reference is not taken for a difference.
             level (str): ``"image"`` or ``"pixel"``.
 
         Returns:
             tuple[float, float, float]: The difference on the full test sets, and the 2.5 and 97.5 percentiles.
 
         """
+        references = reference if isinstance(reference, list) else [reference]
         full, differences = [], []
         for category in self.categories:
             everything = np.ones((1, len(model[category].scores)), dtype=np.int64)
             for weights, collected in ((everything, full), (self.weights[category], differences)):
-                collected.append(
-                    self.aurocs(model[category], level, weights) - self.aurocs(reference[category], level, weights)
-                )
+                base = np.mean([self.aurocs(run[category], level, weights) for run in references], axis=0)
+                collected.append(self.aurocs(model[category], level, weights) - base)
         mean = np.mean(differences, axis=0)
         low, high = np.percentile(mean, [2.5, 97.5])
         return float(np.mean(full)), float(low), float(high)

@@ -6,6 +6,7 @@ metrics after every epoch (reported only: the schedule is fixed in advance, test
 
 Usage:
     python benchmarks/quality.py --root DATA [--categories a b ...] [--epochs 5] [--out results/quality]
+        [--accelerator gpu]
     python benchmarks/quality.py --report results/a/results.json results/b/results.json
 
 DATA is an MVTec-format root (e.g. written by the development benchmark generator). With the default
@@ -94,6 +95,11 @@ class EpochCurve(Callback):
         )
 
 
+def row_name(name: str, seed: int) -> str:
+    """The table's name of a model run with ``seed``: the model's name at seed 0, else with the seed appended."""
+    return name if seed == 0 else f"{name} (seed {seed})"
+
+
 def run(name: str, category: str, args: argparse.Namespace) -> dict:
     """Fit and test one model on one category; return its metrics and timings."""
     seed_everything(args.seed, workers=True)
@@ -115,7 +121,7 @@ def run(name: str, category: str, args: argparse.Namespace) -> dict:
     curve = EpochCurve(datamodule) if trained and wanted else None
     engine = Engine(
         max_epochs=args.epochs if trained else 1,
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=1,
         logger=False,
         default_root_dir=args.out / "runs",
@@ -130,10 +136,11 @@ def run(name: str, category: str, args: argparse.Namespace) -> dict:
     test_seconds = time.perf_counter() - start
     predictions = args.out / "predictions"
     predictions.mkdir(parents=True, exist_ok=True)
-    recorder.save(predictions / prediction_file(name, category))
+    recorder.save(predictions / prediction_file(row_name(name, args.seed), category))
     n_test = len(datamodule.test_data)
     result = {
-        "model": name,
+        "model": row_name(name, args.seed),
+        "seed": args.seed,
         "category": category,
         "image_AUROC": float(metrics["image_AUROC"]),
         "pixel_AUROC": float(metrics["pixel_AUROC"]),
@@ -160,8 +167,11 @@ def prediction_file(name: str, category: str) -> str:
     return "".join(char if char.isalnum() else "_" for char in f"{name}__{category}") + ".npz"
 
 
-def differences(results: list[dict], categories: list[str], folders: list[Path], reference: str) -> list[str]:
-    """Table lines: each model's mean AUROC difference to ``reference`` with a 95 % paired bootstrap interval."""
+def differences(results: list[dict], categories: list[str], folders: list[Path], references: list[str]) -> list[str]:
+    """Table lines: each model's mean AUROC difference to ``references`` with a 95 % paired bootstrap interval.
+
+    Several references (one model's runs with several seeds) are averaged: the difference is to their mean AUROC.
+    """
 
     def predictions(name: str) -> dict | None:
         found = {}
@@ -173,10 +183,11 @@ def differences(results: list[dict], categories: list[str], folders: list[Path],
             found[category] = load_predictions(existing[0])
         return found
 
-    base = predictions(reference)
-    if base is None or len(categories) < 1:
+    bases = [predictions(reference) for reference in references]
+    if any(base is None for base in bases) or len(categories) < 1:
         return []
-    bootstrap = PairedBootstrap(categories, {c: len(base[c].scores) for c in categories})
+    bootstrap = PairedBootstrap(categories, {c: len(bases[0][c].scores) for c in categories})
+    reference = references[0] if len(references) == 1 else f"the mean AUROC of {', '.join(references)}"
     lines = [
         "",
         f"Mean difference to {reference} over the {len(categories)} categories, with a 95 % paired bootstrap interval "
@@ -187,12 +198,12 @@ def differences(results: list[dict], categories: list[str], folders: list[Path],
         "|---|---|---|",
     ]
     for name in dict.fromkeys(r["model"] for r in results):
-        own = predictions(name) if name != reference else None
+        own = predictions(name) if name not in references else None
         if own is None:
             continue
         cells = []
         for level in ("image", "pixel"):
-            mean, low, high = bootstrap.mean_difference(own, base, level)
+            mean, low, high = bootstrap.mean_difference(own, bases, level)
             cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     return lines
@@ -263,7 +274,8 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="rows of another seed are named 'MODEL (seed N)'")
+    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu (default), gpu, auto")
     parser.add_argument("--out", type=Path, default=Path("results/quality"))
     parser.add_argument(
         "--variant",
@@ -272,7 +284,13 @@ def main() -> None:
         metavar='NAME={"arg": value}',
         help="an extra FocusDist row: a name and the constructor arguments (JSON) it changes; repeatable",
     )
-    parser.add_argument("--reference", default="Patchcore", help="model the differences with intervals refer to")
+    parser.add_argument(
+        "--reference",
+        nargs="+",
+        default=["Patchcore"],
+        help="model the differences with intervals refer to; several (e.g. 'Patchcore' 'Patchcore (seed 1)'): "
+        "their mean AUROC",
+    )
     parser.add_argument(
         "--report",
         nargs="+",
