@@ -125,30 +125,37 @@ class PairedBootstrap:
 
     def mean_difference(
         self,
-        model: dict[str, CategoryPredictions],
+        model: dict[str, CategoryPredictions] | list[dict[str, CategoryPredictions]],
         reference: dict[str, CategoryPredictions] | list[dict[str, CategoryPredictions]],
         level: str,
     ) -> tuple[float, float, float]:
         """Mean over categories of ``model - reference`` AUROC, with its 95 % bootstrap interval.
 
+        Either side may be several runs of one model (seeds): their AUROCs are averaged on every resample, so the
+        interval holds the test images' noise and the difference is between the models' means over runs.
+
         Args:
-            model (dict[str, CategoryPredictions]): Per category, the model's predictions.
-            reference (dict[str, CategoryPredictions] | list[dict[str, CategoryPredictions]]): Per category, the
-                reference model's predictions; or several runs of it (seeds), whose AUROCs are averaged on every
-                resample, so that the run-to-run noise of the reference is not taken for a difference.
+            model (dict[str, CategoryPredictions] | list[dict[str, CategoryPredictions]]): Per category, the
+                model's predictions, or a list of them, one per run.
+            reference (dict[str, CategoryPredictions] | list[dict[str, CategoryPredictions]]): Likewise for the
+                reference model.
             level (str): ``"image"`` or ``"pixel"``.
 
         Returns:
             tuple[float, float, float]: The difference on the full test sets, and the 2.5 and 97.5 percentiles.
 
         """
+        models = model if isinstance(model, list) else [model]
         references = reference if isinstance(reference, list) else [reference]
+
+        def mean_auroc(runs: list[dict[str, CategoryPredictions]], category: str, weights: np.ndarray) -> np.ndarray:
+            return np.mean([self.aurocs(run[category], level, weights) for run in runs], axis=0)
+
         full, differences = [], []
         for category in self.categories:
-            everything = np.ones((1, len(model[category].scores)), dtype=np.int64)
+            everything = np.ones((1, len(models[0][category].scores)), dtype=np.int64)
             for weights, collected in ((everything, full), (self.weights[category], differences)):
-                base = np.mean([self.aurocs(run[category], level, weights) for run in references], axis=0)
-                collected.append(self.aurocs(model[category], level, weights) - base)
+                collected.append(mean_auroc(models, category, weights) - mean_auroc(references, category, weights))
         mean = np.mean(differences, axis=0)
         low, high = np.percentile(mean, [2.5, 97.5])
         return float(np.mean(full)), float(low), float(high)

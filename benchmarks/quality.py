@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -95,9 +96,21 @@ class EpochCurve(Callback):
         )
 
 
+METRIC_KEYS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "fit_s", "test_img_s")
+SEED_SUFFIX = re.compile(r" \(seed \d+\)$")
+
+
 def row_name(name: str, seed: int) -> str:
     """The table's name of a model run with ``seed``: the model's name at seed 0, else with the seed appended."""
     return name if seed == 0 else f"{name} (seed {seed})"
+
+
+def seed_groups(names: list[str]) -> dict[str, list[str]]:
+    """Models run with several seeds: ``"NAME (mean of K seeds)"`` -> the names of their K runs."""
+    groups: dict[str, list[str]] = {}
+    for name in dict.fromkeys(names):
+        groups.setdefault(SEED_SUFFIX.sub("", name), []).append(name)
+    return {f"{base} (mean of {len(runs)} seeds)": runs for base, runs in groups.items() if len(runs) > 1}
 
 
 def run(name: str, category: str, args: argparse.Namespace) -> dict:
@@ -197,15 +210,36 @@ def differences(results: list[dict], categories: list[str], folders: list[Path],
         "| model | image AUROC difference [95 % interval] | pixel AUROC difference [95 % interval] |",
         "|---|---|---|",
     ]
-    for name in dict.fromkeys(r["model"] for r in results):
-        own = predictions(name) if name not in references else None
-        if own is None:
+    names = list(dict.fromkeys(r["model"] for r in results))
+    entries = [(name, [name]) for name in names] + list(seed_groups(names).items())
+    for name, runs in entries:
+        own = [predictions(run) for run in runs] if not set(runs) <= set(references) else None
+        if own is None or any(run is None for run in own):
             continue
         cells = []
         for level in ("image", "pixel"):
             mean, low, high = bootstrap.mean_difference(own, bases, level)
             cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def per_category_differences(
+    results: list[dict], categories: list[str], folders: list[Path], references: list[str], model: str
+) -> list[str]:
+    """Table lines: ``model``'s AUROC difference to ``references`` in each category alone, with its interval."""
+    lines = [
+        "",
+        f"{model} against {' / '.join(references)}, per category (same bootstrap, each category alone):",
+        "",
+        "| category | image AUROC difference [95 % interval] | pixel AUROC difference [95 % interval] |",
+        "|---|---|---|",
+    ]
+    runs = seed_groups([row["model"] for row in results]).get(model, [model])
+    for category in categories:
+        rows = [row for row in results if row["category"] == category and row["model"] in {*runs, *references}]
+        found = [line for line in differences(rows, [category], folders, references) if line.startswith(f"| {model} |")]
+        lines += [line.replace(f"| {model} |", f"| {category} |", 1) for line in found]
     return lines
 
 
@@ -216,7 +250,18 @@ def table(results: list[dict], categories: list[str]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     names = list(dict.fromkeys(r["model"] for r in results))
-    for name in names:
+    averaged = [  # models run with several seeds: each category's mean over the runs
+        {
+            "model": group,
+            "category": category,
+            **{key: np.mean([r[key] for r in runs]) for key in METRIC_KEYS},
+        }
+        for group, members in seed_groups(names).items()
+        for category in categories
+        if len(runs := [r for r in results if r["model"] in members and r["category"] == category]) == len(members)
+    ]
+    results = results + averaged
+    for name in names + list(dict.fromkeys(r["model"] for r in averaged)):
         rows = [r for r in results if r["model"] == name]
         for r in rows:
             lines.append(
@@ -292,6 +337,14 @@ def main() -> None:
         "their mean AUROC",
     )
     parser.add_argument(
+        "--per-category",
+        nargs="+",
+        default=[],
+        metavar="MODEL",
+        help="with --report: also each category's difference of these models (or 'NAME (mean of K seeds)') to the "
+        "reference",
+    )
+    parser.add_argument(
         "--report",
         nargs="+",
         type=Path,
@@ -303,7 +356,10 @@ def main() -> None:
         results = [row for path in args.report for row in json.loads(path.read_text())]
         categories = list(dict.fromkeys(row["category"] for row in results))
         folders = [path.parent / "predictions" for path in args.report]
-        print("\n".join([table(results, categories), *differences(results, categories, folders, args.reference)]))
+        lines = differences(results, categories, folders, args.reference)
+        for model in args.per_category:
+            lines += per_category_differences(results, categories, folders, args.reference, model)
+        print("\n".join([table(results, categories), *lines]))
         return
     args.variants = parse_variants(parser, args.variant)
     args.models += [name for name in args.variants if name not in args.models]

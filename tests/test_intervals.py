@@ -50,3 +50,28 @@ def test_tied_scores_rank_in_the_order_of_the_samples() -> None:
     labels = np.array([0, 1, 1, 1])  # the negative comes first: every tied positive ranks above it
     aurocs = intervals.stable_rank_aurocs(scores, labels, np.arange(4), np.ones((1, 4)))
     assert float(aurocs[0]) == 1.0  # ties as half: 0.5
+
+
+def test_several_runs_are_compared_by_their_mean_auroc() -> None:
+    """Seeds of one model: the difference is between the runs' mean AUROCs, on the same resamples."""
+    intervals = _intervals()
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(30), np.ones(30)]
+    masks = np.zeros((60, 4, 4), dtype=bool)
+    masks[30:, 1:3, 1:3] = True
+
+    def run(noise: float) -> dict:
+        maps = masks + rng.normal(0, noise, masks.shape)
+        return {"c": intervals.CategoryPredictions(labels + rng.normal(0, noise, 60), labels, maps, masks)}
+
+    model, weak, strong = run(0.5), run(2.0), run(0.3)
+    bootstrap = intervals.PairedBootstrap(["c"], {"c": 60}, resamples=50)
+    for level in ("image", "pixel"):
+        to_weak = bootstrap.mean_difference(model, weak, level)
+        to_strong = bootstrap.mean_difference(model, strong, level)
+        to_both = bootstrap.mean_difference(model, [weak, strong], level)
+        assert abs(to_both[0] - (to_weak[0] + to_strong[0]) / 2) < 1e-12  # full test set: the mean of the two
+        assert to_strong[0] < to_both[0] < to_weak[0]
+        assert (
+            bootstrap.mean_difference([model, model], [weak, weak], level) == to_weak
+        )  # a repeated run changes nothing
