@@ -268,7 +268,7 @@ class StreamingGaussian(DynamicBufferMixin):
 
         """
         batch, dim, height, width = embedding.shape
-        with full_precision(embedding.device.type):  # half-precision distances would round away subtle defects
+        with full_precision(embedding.device.type):  # half precision keeps 3 significant digits or fewer
             embedding = at_least_float32(embedding)
             delta = embedding.reshape(batch, dim, -1).permute(2, 0, 1) - self.mean.unsqueeze(1)  # (L, B, D)
             precision = self.precision.to(delta.dtype) * self.precision_scale[:, None, None].to(delta.dtype)

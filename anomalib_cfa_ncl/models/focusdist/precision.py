@@ -2,8 +2,9 @@
 
 Lightning's ``precision="16-mixed"`` / ``"bf16-mixed"`` runs the forward pass under ``torch.autocast``. The
 backbone gains from it; transforms (their products, inverses and sampling grids), Mahalanobis distances and
-anomaly maps do not: a half-precision sampling grid is off by pixels at 256 px, distances lose the digits that
-separate subtle defects, and autocast gives the parts of one transform different dtypes, which kornia rejects.
+anomaly maps do not: a bfloat16 sampling grid is off by more than half a pixel at 256 px (kornia's own note),
+distances in half precision keep 3 significant digits or fewer, and autocast gives the parts of one transform different
+dtypes, which kornia rejects.
 
 Example:
     >>> import torch
@@ -33,8 +34,7 @@ def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
 def full_precision(device_type: str) -> contextlib.AbstractContextManager:
     """Switch autocast off while it is on (mixed-precision training, e.g. ``--trainer.precision 16-mixed``).
 
-    Transforms, their inverses, distances and maps need float32: in half precision a sampling grid is off by
-    pixels at 256 px and kornia rejects transforms whose parts autocast gave different dtypes. Only the backbone
+    Transforms, their inverses, distances and maps need float32 (see the module's docstring). Only the backbone
     and the transformers' localisation networks run in half precision. Nothing is entered when autocast is off,
     so an exported graph holds no autocast node.
 
