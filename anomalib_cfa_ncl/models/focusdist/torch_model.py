@@ -194,9 +194,7 @@ class FocusDistModel(nn.Module):
 
         """
         features = aligned.features
-        # float32 also when autocast gave half-precision features: transforms are composed in float32
-        theta_dtype = torch.promote_types(features[0].dtype, torch.float32)
-        to_deepest = identity_theta(features[0].shape[0], features[0].device, theta_dtype)
+        to_deepest = identity_theta(features[0].shape[0], features[0].device, features[0].dtype)
         resampled: list[torch.Tensor] = []
         for index in range(len(features) - 1, -1, -1):  # deepest first, composing the later stages' warps
             layer_features = features[index]
