@@ -94,15 +94,25 @@ def datamodule(root: Path, category: str, seed: int, **kwargs: Any) -> MVTecAD:
     return data
 
 
-def cpu_engine(out: Path, epochs: int | None = None) -> Engine:
-    """An anomalib Engine on one CPU device, without logger or progress bar."""
-    kwargs = {"max_epochs": epochs} if epochs else {}
-    return Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=out, enable_progress_bar=False, **kwargs)
+def quiet_engine(out: Path, epochs: int | None = None, accelerator: str = "cpu", **kwargs: Any) -> Engine:
+    """An anomalib Engine on one device (the CPU unless told), without logger or progress bar.
+
+    Args:
+        out: Its ``default_root_dir``.
+        epochs: ``max_epochs``; the model's own default when ``None``.
+        accelerator: Lightning accelerator, ``"cpu"`` or ``"gpu"``.
+        **kwargs: Further ``Engine`` arguments (``precision``, ``callbacks``, ...).
+    """
+    if epochs:
+        kwargs["max_epochs"] = epochs
+    return Engine(
+        accelerator=accelerator, devices=1, logger=False, default_root_dir=out, enable_progress_bar=False, **kwargs
+    )
 
 
 def train(model: AnomalibModule, data: MVTecAD, out: Path, epochs: int | None) -> tuple[Engine, Path]:
     """Fit ``model`` on CPU; return the engine and the checkpoint it wrote."""
-    engine = cpu_engine(out, epochs)
+    engine = quiet_engine(out, epochs)
     engine.fit(model=model, datamodule=data)
     return engine, Path(engine.trainer.checkpoint_callback.best_model_path)
 

@@ -36,11 +36,11 @@ from builders import build_model
 from export_common import (
     Variant,
     argument_parser,
-    cpu_engine,
     export,
     onnx_runner,
     onnx_session,
     parse,
+    quiet_engine,
     seed,
     test_and_calibration_data,
     torch_runner,
@@ -164,7 +164,11 @@ def trained(args, data) -> tuple[Engine, FocusDist, Path]:
     """Train FocusDist (or take ``--checkpoint``); return the engine, the model and its checkpoint."""
     if args.checkpoint is not None:
         checkpoint = args.checkpoint.resolve()
-        return cpu_engine(args.out / "runs"), FocusDist.load_from_checkpoint(checkpoint, map_location="cpu"), checkpoint
+        return (
+            quiet_engine(args.out / "runs"),
+            FocusDist.load_from_checkpoint(checkpoint, map_location="cpu"),
+            checkpoint,
+        )
     start = time.perf_counter()
     model = build_model("FocusDist", backbone_weights=args.backbone_weights)
     engine, checkpoint = train(model, data, args.out / "runs", args.epochs)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 from anomalib.data import MVTecAD
-from anomalib.engine import Engine
 from builders import LAYERS, build_model
+from export_common import quiet_engine
 from lightning.pytorch import seed_everything
 from quality import evaluator
 
@@ -45,18 +45,6 @@ CONFIGURATIONS = {
         "16-mixed",
     ),
 }
-
-
-def engine(accelerator: str, out: Path, **kwargs) -> Engine:
-    """An anomalib engine on one device, without logger or progress bar."""
-    return Engine(
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        default_root_dir=out,
-        enable_progress_bar=False,
-        **kwargs,
-    )
 
 
 def predictions(batches: list) -> dict[str, torch.Tensor]:
@@ -90,7 +78,7 @@ def check(name: str, args: argparse.Namespace) -> dict:
     datamodule = MVTecAD(
         root=args.root, category=CATEGORY, train_batch_size=16, eval_batch_size=16, num_workers=args.workers
     )
-    gpu_engine = engine(args.accelerator, out, max_epochs=args.epochs, precision=precision)
+    gpu_engine = quiet_engine(out, args.epochs, args.accelerator, precision=precision)
     trained = model()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -102,7 +90,7 @@ def check(name: str, args: argparse.Namespace) -> dict:
     checkpoint = out / "model.ckpt"
     gpu_engine.trainer.save_checkpoint(checkpoint)
     on_gpu = predictions(gpu_engine.predict(model=trained, dataloaders=datamodule.test_dataloader()))
-    cpu_batches = engine("cpu", out / "cpu").predict(
+    cpu_batches = quiet_engine(out / "cpu").predict(
         model=model(), dataloaders=datamodule.test_dataloader(), ckpt_path=str(checkpoint)
     )
     return {

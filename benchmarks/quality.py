@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from anomalib.data import MVTecAD
-from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, Evaluator
 from builders import LAYERS, build_model
+from export_common import quiet_engine
 from intervals import MAP_SIZE, RESAMPLES, PairedBootstrap, PredictionRecorder, load_predictions
 from lightning.pytorch import Callback, seed_everything
 
@@ -132,15 +132,8 @@ def run(name: str, category: str, args: argparse.Namespace) -> dict:
     recorder = PredictionRecorder()
     wanted = args.curve and (name == "FocusDist" or name in args.variants)
     curve = EpochCurve(datamodule) if trained and wanted else None
-    engine = Engine(
-        max_epochs=args.epochs if trained else 1,
-        accelerator=args.accelerator,
-        devices=1,
-        logger=False,
-        default_root_dir=args.out / "runs",
-        enable_progress_bar=False,
-        callbacks=[recorder, curve] if curve else [recorder],
-    )
+    callbacks = [recorder, curve] if curve else [recorder]
+    engine = quiet_engine(args.out / "runs", args.epochs if trained else 1, args.accelerator, callbacks=callbacks)
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
