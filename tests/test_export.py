@@ -24,7 +24,7 @@ from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Normalize
 
 from anomalib_cfa_ncl import FocusDist
-from anomalib_cfa_ncl.models.focusdist.checkpoint import POOLING_KEY
+from anomalib_cfa_ncl.models.focusdist.checkpoint import BANK_KEYS, POOLING_KEY
 
 from .helpers import IMAGE_SIZE, export_ir, tiny_datamodule
 
@@ -59,12 +59,17 @@ def storages_tagged(location: str) -> Iterator[None]:
 def cuda_checkpoint(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same checkpoint as a GPU training machine writes it: every tensor tagged ``cuda:0``, and the backbone
     built from ImageNet weights in a local file that this machine does not have. Its gate chose the grid pooling
-    (the tiny model holds back too few images to choose anything), so that its export carries the pooling."""
+    and the patch bank (the tiny model holds back too few images to choose anything), so that its export carries
+    both: the bank holds the Gaussian's means, real feature vectors, with a calibration scale per location."""
     content = torch.load(checkpoint, map_location="cpu", weights_only=False)
     content["hyper_parameters"].update(
         pre_trained=True, backbone_weights="/training-machine/resnet18.safetensors", grid_pooling=5
     )
-    content["state_dict"][POOLING_KEY] = torch.ones((), dtype=torch.bool)
+    state = content["state_dict"]
+    state[POOLING_KEY] = torch.ones((), dtype=torch.bool)
+    locations = state["model.gaussian.mean"].shape[0]
+    state[BANK_KEYS[0]] = state["model.gaussian.mean"].clone()
+    state[BANK_KEYS[1]] = torch.linspace(0.8, 1.2, locations)
     path = tmp_path_factory.mktemp("cuda_checkpoint") / "model.ckpt"
     with storages_tagged("cuda:0"):
         torch.save(content, path)
@@ -152,12 +157,15 @@ def test_cuda_checkpoint_exports_static_ir_on_cpu(
     static = OpenVINOInferencer(static_ir, device="CPU", config=F32)
     pooled = FocusDist.load_from_checkpoint(checkpoint, map_location="cpu", grid_pooling=5).eval()
     pooled.model.grid_pooling.enabled.fill_(True)
-    expected = [torch_predict(pooled, image) for image in images]
-    unpooled = [torch_predict(reference, image) for image in images]
-    pooling_changed = [
-        float(np.abs(e["anomaly_map"] - u["anomaly_map"]).max()) for e, u in zip(expected, unpooled, strict=True)
-    ]
-    assert max(pooling_changed) > 0.01  # the pooling changes the maps, so the IR must carry it to match
+    with_bank = FocusDist.load_from_checkpoint(cuda_checkpoint, map_location="cpu").eval()
+    assert with_bank.model.patch_bank.is_fitted and with_bank.model.grid_pooling.enabled
+    expected = [torch_predict(with_bank, image) for image in images]
+    for other in (reference, pooled):  # the pooling and the bank change the maps, so the IR must carry both
+        changed = [
+            float(np.abs(e["anomaly_map"] - o["anomaly_map"]).max())
+            for e, o in zip(expected, [torch_predict(other, image) for image in images], strict=True)
+        ]
+        assert max(changed) > 0.01
     score, maps, labels = largest_differences(expected, [openvino_predict(static, image) for image in images])
     assert labels == 0 and score <= PARITY_TOLERANCE and maps <= PARITY_TOLERANCE
     with pytest.raises(RuntimeError):  # a static IR refuses another size

@@ -50,7 +50,9 @@ class KnownPoses(nn.Module):
 
 def _model_with_poses(images: torch.Tensor, thetas: torch.Tensor) -> FocusDistModel:
     torch.manual_seed(0)
-    model = FocusDistModel(backbone="resnet18", pre_trained=False, feature_alignment=False, ncl=False, n_features=64)
+    model = FocusDistModel(
+        backbone="resnet18", pre_trained=False, feature_alignment=False, ncl=False, n_features=64, patch_bank=0
+    )
     model.image_transformer = KnownPoses(images, thetas)
     return model
 
@@ -116,7 +118,9 @@ def test_gate_keeps_the_input_frame_for_identical_images() -> None:
     assert not bool(model.alignment_gate.enabled)
 
 
-def _unaligned_model(shrinkage: float = 0.3, calibration: bool = True, grid_pooling: int = 5) -> FocusDistModel:
+def _unaligned_model(
+    shrinkage: float = 0.3, calibration: bool = True, grid_pooling: int = 5, patch_bank: int = 0
+) -> FocusDistModel:
     torch.manual_seed(0)
     return FocusDistModel(
         backbone="resnet18",
@@ -126,6 +130,7 @@ def _unaligned_model(shrinkage: float = 0.3, calibration: bool = True, grid_pool
         covariance_shrinkage=shrinkage,
         distance_calibration=calibration,
         grid_pooling=grid_pooling,
+        patch_bank=patch_bank,
     )
 
 

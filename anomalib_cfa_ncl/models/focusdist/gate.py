@@ -19,6 +19,11 @@ location's own covariance and once shrunk towards the mean covariance over all l
 positions are exchangeable, sharing the covariance's shape lends every location the samples of all others; on parts
 in a fixed pose each location's own covariance can be the better one.
 
+Last, the same held-back images decide the scorer: where the model has a patch bank (:mod:`.patch_bank`), the
+nearest-neighbour distances to a uniform sample of the fitting images' patches, in the chosen frame and pooling,
+replace the chosen Gaussian if they separate the held-back images better in ``CONFIDENCE`` of the resamples. A
+texture's patches are many modes at every location, which one Gaussian per location blurs together.
+
 The held-back images also calibrate the distances (``distance_calibration``): each location's distance is divided by
 the mean distance of held-back normal images there, relative to all locations (:func:`.gaussian.calibration_scale`).
 Normal images score higher at the border, where each location's Gaussian has fewer samples and the backbone's zero
@@ -41,6 +46,7 @@ from torch import nn
 
 from .alignment import identity_theta
 from .gaussian import calibration_scale
+from .patch_bank import PatchBank
 from .pooling import flag_held
 from .synthetic_defects import perlin_anomalies, thin_anomalies
 
@@ -267,8 +273,8 @@ def _pair_counts(
 
 def choose_scoring(
     model: FocusDistModel, batches: Iterable[torch.Tensor], reduce: Reduce | None = None
-) -> torch.Tensor | None:
-    """Decide, on its training images, how ``model`` scores: frame, grid pooling, covariance shrinkage, calibration.
+) -> tuple[torch.Tensor | None, bool]:
+    """Decide, on its training images, how ``model`` scores: frame, grid pooling, shrinkage, patch bank, calibration.
 
     The candidates are every frame the gate may choose (the input frame, the aligned frame; only the model's own
     frame without a gate) with and without the grid pooling (where ``model.grid_pooling`` is a candidate) and with
@@ -276,8 +282,10 @@ def choose_scoring(
     less simple choice (the aligned frame, then the pooling and the shrinkage in the chosen frame) is kept only where
     it separates better in at least ``CONFIDENCE`` of ``RESAMPLES`` bootstrap resamples of the held-back images: a
     difference within their noise is no difference. The calibration is kept unless the uncalibrated scores separate
-    better in ``CONFIDENCE`` of the resamples; the chosen candidate's mean distances over all held-back images are
-    then the calibration returned.
+    better in ``CONFIDENCE`` of the resamples. Last, where ``model.patch_bank`` is a candidate (in one process), the
+    nearest-neighbour distances to a bank of patches replace the chosen Gaussian if they separate better in
+    ``CONFIDENCE`` of the resamples (:func:`_decide_patch_bank`). The chosen scorer's mean distances over all
+    held-back images are the calibration returned.
     Runs in evaluation mode without gradients (inside :meth:`FocusDistModel.fit_statistics`); sets
     ``model.alignment_gate``, ``model.grid_pooling.enabled`` and ``model.gaussian.shrinkage``.
 
@@ -287,9 +295,9 @@ def choose_scoring(
         reduce (Callable | None): Sums a tensor over processes (distributed training); ``None`` in one process.
 
     Returns:
-        torch.Tensor | None: The calibration scale per location ``(L,)`` for
-        :meth:`~.gaussian.StreamingGaussian.calibrate`; ``None`` without calibration, where it was dropped, or with
-        too few images.
+        tuple[torch.Tensor | None, bool]: The calibration scale per location ``(L,)`` of the chosen scorer
+        (:meth:`~.gaussian.StreamingGaussian.calibrate`; ``None`` without calibration, where it was dropped, or with
+        too few images), and whether the patch bank was chosen.
 
     """
     shrinkages = [0.0, model.covariance_shrinkage] if model.covariance_shrinkage > 0 else [0.0]
@@ -297,19 +305,26 @@ def choose_scoring(
     scored = score_candidates(model, batches, shrinkages, reduce)
     model.gaussian.shrinkage = 0.0
     if scored is None:
-        return None
+        return None, False
     chosen_frame = _decide_frame(model.alignment_gate, scored)
     in_frame = scored.separations[:, chosen_frame]  # (R + 1, poolings, shrinkages, calibrations)
     pooled = _decide_pooling(in_frame, model.grid_pooling.side)
     model.grid_pooling.enabled.fill_(pooled)
     in_pooling = in_frame[:, int(pooled)]  # (R + 1, shrinkages, calibrations)
     model.gaussian.shrinkage = _decide_shrinkage(in_pooling, shrinkages)
-    if not model.distance_calibration:
-        return None
     shrinkage_index = shrinkages.index(model.gaussian.shrinkage)
-    poolings = scored.separations.shape[2]
-    scale = scored.scales[(chosen_frame * poolings + int(pooled)) * len(shrinkages) + shrinkage_index]
-    return _decide_calibration(in_pooling[:, shrinkage_index], scale, scored.grid)
+    scale = None
+    if model.distance_calibration:
+        poolings = scored.separations.shape[2]
+        scale = scored.scales[(chosen_frame * poolings + int(pooled)) * len(shrinkages) + shrinkage_index]
+        scale = _decide_calibration(in_pooling[:, shrinkage_index], scale, scored.grid)
+    gaussian = in_pooling[:, shrinkage_index, 0 if scale is not None else -1]  # the chosen Gaussian's separations
+    bank = scored.banks.get((scored.frames[chosen_frame], pooled))
+    if bank is not None:
+        kept, bank_scale = _decide_patch_bank(model, scored, bank, scored.frames[chosen_frame], pooled, gaussian)
+        if kept:
+            return bank_scale, True
+    return scale, False
 
 
 @dataclass
@@ -324,6 +339,12 @@ class ScoredCandidates:
             order (frame-major).
         held_back (int): Held-back images, over all processes.
         grid (tuple[int, ...]): The scoring grid ``(h, w)``.
+        frames (tuple[bool | None, ...]): The frames compared (``None``: the model's own, without a gate).
+        banks (dict): A patch bank per frame and pooling, sampled from the images the candidates were fitted on and
+            not yet built; empty where the bank is not a candidate (or in several processes).
+        normal (torch.Tensor): The held-back images, ``(B, 3, H, W)``.
+        families (list[tuple[torch.Tensor, torch.Tensor]]): Each family's anomalous copies and masks ``(B, H, W)``.
+        resamples (torch.Tensor): Image indices of each bootstrap resample, ``(R, B)``.
 
     """
 
@@ -331,6 +352,11 @@ class ScoredCandidates:
     scales: list[torch.Tensor]
     held_back: int
     grid: tuple[int, ...]
+    frames: tuple[bool | None, ...]
+    banks: dict[tuple[bool | None, bool], PatchBank]
+    normal: torch.Tensor
+    families: list[tuple[torch.Tensor, torch.Tensor]]
+    resamples: torch.Tensor
 
 
 def score_candidates(
@@ -360,6 +386,9 @@ def score_candidates(
     frames = (False, True) if gate is not None else (None,)  # None: the model's own frame, no choice
     poolings = (False, True) if model.grid_pooling.is_candidate else (False,)
     gaussians = {(aligned, pooled): model.gaussian.fresh() for aligned in frames for pooled in poolings}
+    # the bank's sample cannot be summed over processes: it is a candidate in one process only
+    with_bank = model.patch_bank.is_candidate and reduce is None
+    banks = {key: model.patch_bank.fresh() for key in gaussians} if with_bank else {}
     held_back: list[torch.Tensor] = []
     seen = held = 0
     with model.grid_pooling.off():
@@ -372,7 +401,10 @@ def score_candidates(
                     with _frame(gate, aligned):
                         embedding = model.embed(images[~mask])[0]
                     for pooled in poolings:
-                        gaussians[aligned, pooled].update(_pooled(model, embedding, pooled))
+                        pooled_embedding = _pooled(model, embedding, pooled)
+                        gaussians[aligned, pooled].update(pooled_embedding)
+                        if banks:
+                            banks[aligned, pooled].update(pooled_embedding)
     # every process takes the same branch: the decision rests on counts summed over processes
     counts = torch.tensor([held, seen - held, float(held == 0 or seen == held)], dtype=torch.float64)
     counts = reduce(counts) if reduce is not None else counts
@@ -405,7 +437,7 @@ def score_candidates(
     total = ((reduce(total) if reduce is not None else total) / counts[0]).float()
     total = total.view(RESAMPLES + 1, len(frames), len(poolings), len(shrinkages), len(calibrations))
     grid = tuple(embedded[0][0].shape[-2:])
-    return ScoredCandidates(total, scales, int(counts[0]), grid)
+    return ScoredCandidates(total, scales, int(counts[0]), grid, frames, banks, normal, families, resamples)
 
 
 def _pooled(model: FocusDistModel, embedding: torch.Tensor, pooled: bool) -> torch.Tensor:
@@ -520,6 +552,58 @@ def _decide_shrinkage(in_frame: torch.Tensor, shrinkages: list[float]) -> float:
         chosen,
     )
     return chosen
+
+
+def _decide_patch_bank(
+    model: FocusDistModel,
+    scored: ScoredCandidates,
+    bank: PatchBank,
+    frame: bool | None,
+    pooled: bool,
+    gaussian: torch.Tensor,
+) -> tuple[bool, torch.Tensor | None]:
+    """Whether the patch bank replaces the chosen Gaussian: where it separates better beyond the noise.
+
+    The bank sampled from the fitting images in the chosen frame and pooling is built, the held-back images are
+    scored by it (calibrated as the Gaussian is, when ``model.distance_calibration``) and compared resample by
+    resample with the chosen Gaussian.
+
+    Args:
+        model (FocusDistModel): The model, in evaluation mode.
+        scored (ScoredCandidates): The held-back images, their synthetic anomalies and resamples.
+        bank (PatchBank): The bank sampled in the chosen frame and pooling, not yet built.
+        frame (bool | None): The chosen frame (``None``: the model's own).
+        pooled (bool): Whether the grid pooling was chosen.
+        gaussian (torch.Tensor): The chosen Gaussian's separations, ``(RESAMPLES + 1,)``.
+
+    Returns:
+        tuple[bool, torch.Tensor | None]: Whether the bank was chosen, and then its calibration scale ``(L,)``
+        (``None`` without calibration).
+
+    """
+    bank.finalize()
+    with _frame(model.alignment_gate, frame), model.grid_pooling.off():
+        embedded = [model.embed(images) for images in (scored.normal, *(anomalous for anomalous, _ in scored.families))]
+    distances = [bank.distance(_pooled(model, embedding, pooled)) for embedding, _ in embedded]
+    thetas = [theta for _, theta in embedded]
+    calibrated = model.distance_calibration
+    separation = _family_mean_separation(model, distances, thetas, scored.families, calibrated, scored.resamples, None)
+    wins = _share_better(separation[1:], gaussian[1:])
+    kept = wins >= CONFIDENCE
+    logger.info(
+        "FocusDist: image + pixel AUROC of the held-back images is %.3f with the chosen Gaussian and %.3f with the "
+        "nearest of %d training patches, which was better in %.0f %% of %d resamples (%.0f %% needed): %s.",
+        float(gaussian[0]),
+        float(separation[0]),
+        bank.bank.shape[0],
+        100 * wins,
+        RESAMPLES,
+        100 * CONFIDENCE,
+        "patch bank used" if kept else "Gaussian used",
+    )
+    if not kept or not calibrated:
+        return kept, None
+    return kept, calibration_scale(distances[0].sum(dim=0), float(distances[0].shape[0]))
 
 
 def _decide_calibration(separations: torch.Tensor, scale: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor | None:

@@ -27,6 +27,7 @@ from .backbone import NonFiniteImages, checked_images, create_feature_extractor,
 from .gate import AlignmentGate, Reduce, choose_scoring
 from .gaussian import StreamingGaussian, channel_subset
 from .loss import NCLHead, TrainingOutput, at_most_grid
+from .patch_bank import PatchBank
 from .pooling import GridPooling
 
 
@@ -72,6 +73,9 @@ class FocusDistModel(nn.Module):
         grid_pooling (int): Odd side of a second average pooling of the scoring embedding (a coarser map), used
             where it scores held-back training images with synthetic anomalies better than none (:mod:`.gate`);
             ``1`` never pools.
+        patch_bank (int): Size of a bank of training patches whose nearest one gives each location's distance
+            (:mod:`.patch_bank`), used instead of the Gaussian where it scores held-back training images with
+            synthetic anomalies better (:mod:`.gate`); ``0`` (the default: its search slows exports) never builds one.
 
     Example:
         >>> model = FocusDistModel(backbone="resnet18", pre_trained=False, feature_alignment=True, ncl=True)
@@ -102,6 +106,7 @@ class FocusDistModel(nn.Module):
         distance_calibration: bool = True,
         blur_sigma: float = 4.0,
         grid_pooling: int = 1,
+        patch_bank: int = 0,
     ) -> None:
         super().__init__()
         layers = list(layers) if layers is not None else ["layer1", "layer2", "layer3"]
@@ -130,6 +135,7 @@ class FocusDistModel(nn.Module):
         self.distance_calibration = distance_calibration
         statistics = (regularization, statistics_dtype, statistics_neighbourhood, covariance_shrinkage)
         self.gaussian = StreamingGaussian(*statistics)  # checks the numbers now, before any training
+        self.patch_bank = PatchBank(patch_bank)  # the candidate; built (non-empty) only where the gate chose it
         self.anomaly_map_generator = AnomalyMapGenerator(blur_sigma)
         NonFiniteImages().attach(self)  # evaluation: an image with NaN/Inf pixels scores as anomalous, alone
         # Lightning 2.6 starts fitting in whatever mode the modules are in, so freeze BatchNorm now, not on .train()
@@ -246,9 +252,9 @@ class FocusDistModel(nn.Module):
         """Fit what scoring needs from the training images: the alignment gate's decision, then the Gaussian.
 
         Two passes over ``batches``: the input or the aligned frame, with or without the grid pooling and covariance
-        shrinkage, compared on held-back images, which also give the distance calibration
-        (:func:`.gate.choose_scoring`); then the Gaussian is fitted on all images as chosen. One pass when there is
-        nothing to choose or calibrate.
+        shrinkage, and the Gaussian or the patch bank, compared on held-back images, which also give the distance
+        calibration (:func:`.gate.choose_scoring`); then the Gaussian (and the bank, where chosen) is fitted on all
+        images as chosen. One pass when there is nothing to choose or calibrate.
         Runs in evaluation mode without gradients and restores the training mode.
 
         Args:
@@ -269,16 +275,22 @@ class FocusDistModel(nn.Module):
         self.eval()
         # not in inference mode: the fitted buffers must stay ordinary tensors that later training can update
         with torch.inference_mode(False), torch.no_grad():
-            scale = None
+            scale, with_bank = None, False
             if self._has_choices():
-                scale = choose_scoring(self, batches, reduce)
+                scale, with_bank = choose_scoring(self, batches, reduce)
             self.gaussian.reset()
+            self.patch_bank.clear()
             for images in batches:
-                self.gaussian.update(self.embed(images)[0])
+                embedding = self.embed(images)[0]
+                self.gaussian.update(embedding)
+                if with_bank:
+                    self.patch_bank.update(embedding)
             _check_every_process_saw_images(self.gaussian.running_sum is not None, reduce)
             self.gaussian.finalize(reduce)
+            if with_bank:
+                self.patch_bank.finalize()
             if scale is not None:
-                self.gaussian.calibrate(scale)
+                (self.patch_bank if with_bank else self.gaussian).calibrate(scale)
         self.train(was_training)
 
     def _has_choices(self) -> bool:
@@ -288,6 +300,7 @@ class FocusDistModel(nn.Module):
             or self.grid_pooling.is_candidate
             or self.covariance_shrinkage > 0
             or self.distance_calibration
+            or self.patch_bank.is_candidate
         )
 
     def forward(self, images: torch.Tensor) -> TrainingOutput | InferenceBatch:
@@ -315,7 +328,10 @@ class FocusDistModel(nn.Module):
                 f"was fitted on {expected} locations: feed images of the training size (the pre-processor's Resize)."
             )
             raise ValueError(msg)
-        distance = self.gaussian.mahalanobis(embedding)
+        # a Python branch on the bank's shape: an exported graph holds only the scorer the gate chose
+        distance = (
+            self.patch_bank.distance(embedding) if self.patch_bank.is_fitted else self.gaussian.mahalanobis(embedding)
+        )
         anomaly_map = self.anomaly_map_generator(distance, theta, images.shape[-2:])
         pred_score = anomaly_map.amax(dim=(-3, -2, -1))
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
