@@ -7,6 +7,8 @@ written per image (no visualiser) unless the caller passes one.
 
 from __future__ import annotations
 
+import argparse
+import json
 from typing import Any
 
 from anomalib.models import AnomalibModule, Padim, Patchcore
@@ -56,4 +58,27 @@ def build_model(
         backbone_weights=backbone_weights,
         **common,
         **(focusdist_arguments or {}),
+    )
+
+
+def parse_variants(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, dict]:
+    """Parse ``NAME=JSON`` variant specifications into constructor arguments per name."""
+    variants = {}
+    for spec in specs:
+        name, _, arguments = spec.partition("=")
+        try:
+            variants[name.strip()] = json.loads(arguments)
+        except json.JSONDecodeError as error:
+            parser.error(f'--variant {spec!r}: expected NAME={{"argument": value}} with JSON arguments ({error}).')
+    return variants
+
+
+def add_variant_argument(parser: argparse.ArgumentParser) -> None:
+    """``--variant NAME=JSON``: an extra FocusDist row with these constructor arguments (see :func:`parse_variants`)."""
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar='NAME={"arg": value}',
+        help="an extra FocusDist row: a name and the constructor arguments (JSON) it changes; repeatable",
     )

@@ -6,7 +6,7 @@ selection) are measured beside it. Each fit runs in a fresh process and reports 
 
 Usage:
     python benchmarks/memory.py [--sizes 200 2000] [--image-size 64] [--models FocusDist Padim Patchcore]
-        [--repeats 3]
+        [--repeats 3] [--variant 'NAME={"patch_bank": 8192}']
 
 Offline: the backbone is an untrained resnet18 (memory does not depend on the weights); the images are a
 synthetic MVTec-format category written to a temporary folder.
@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from builders import add_variant_argument, parse_variants
 
 
-def fit_once(model_name: str, root: Path, image_size: int) -> dict[str, float]:
+def fit_once(model_name: str, root: Path, image_size: int, arguments: dict | None = None) -> dict[str, float]:
     """Fit one model for one epoch and return its peak RSS in MiB and the fit time (runs in a child process)."""
     import torch
     from anomalib.data import MVTecAD
@@ -37,7 +38,14 @@ def fit_once(model_name: str, root: Path, image_size: int) -> dict[str, float]:
 
     torch.manual_seed(0)
     pre_processor = FocusDist.configure_pre_processor((image_size, image_size))
-    model = build_model(model_name, "resnet18", pre_trained=False, pre_processor=pre_processor, evaluator=False)
+    model = build_model(
+        model_name,
+        "resnet18",
+        pre_trained=False,
+        focusdist_arguments=arguments,
+        pre_processor=pre_processor,
+        evaluator=False,
+    )
     datamodule = MVTecAD(root=root, category="coffee", train_batch_size=32, eval_batch_size=32, num_workers=0)
     engine = Engine(
         max_epochs=1,
@@ -54,9 +62,9 @@ def fit_once(model_name: str, root: Path, image_size: int) -> dict[str, float]:
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "fit_s": seconds}
 
 
-def measure(model_name: str, root: Path, image_size: int) -> dict[str, float]:
+def measure(model_name: str, root: Path, image_size: int, arguments: dict | None = None) -> dict[str, float]:
     """Run :func:`fit_once` in a fresh interpreter so each peak is its own."""
-    command = [sys.executable, __file__, "--child", model_name, str(root), str(image_size)]
+    command = [sys.executable, __file__, "--child", model_name, str(root), str(image_size), json.dumps(arguments)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{model_name} on {root} failed:\n{result.stderr[-2000:]}")
@@ -72,11 +80,16 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=1, help="fresh processes per model and size; the table gives min-max"
     )
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    add_variant_argument(parser)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(fit_once(args.child[0], Path(args.child[1]), int(args.child[2]))))
+        name, root, size, arguments = args.child
+        print(json.dumps(fit_once(name, Path(root), int(size), json.loads(arguments))))
         return
+
+    variants = parse_variants(parser, args.variant)
+    args.models += [name for name in variants if name not in args.models]
 
     from anomalib_cfa_ncl.data import make_mvtec_dataset
 
@@ -89,7 +102,10 @@ def main() -> None:
             )
         sizes = args.sizes
         rows = {
-            name: {size: [measure(name, roots[size], args.image_size) for _ in range(args.repeats)] for size in sizes}
+            name: {
+                size: [measure(name, roots[size], args.image_size, variants.get(name)) for _ in range(args.repeats)]
+                for size in sizes
+            }
             for name in args.models
         }
     first, last = args.sizes[0], args.sizes[-1]

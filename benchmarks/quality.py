@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from anomalib.data import MVTecAD
 from anomalib.metrics import AUPRO, AUROC, Evaluator
-from builders import LAYERS, build_model
+from builders import LAYERS, add_variant_argument, build_model, parse_variants
 from export_common import quiet_engine
 from intervals import MAP_SIZE, RESAMPLES, PairedBootstrap, PredictionRecorder, load_predictions
 from lightning.pytorch import Callback, seed_everything
@@ -42,6 +42,7 @@ ABLATIONS = {
     "FocusDist image alignment only": {"image_alignment": True, "feature_alignment": False, "ncl": False},
     "FocusDist + feature alignment": {"image_alignment": True, "feature_alignment": True, "ncl": False},
     "FocusDist + NCL (all three stages)": {"image_alignment": True, "feature_alignment": True, "ncl": True},
+    "FocusDist + patch bank (patch_bank: 8192)": {"patch_bank": 8192},
 }
 
 
@@ -284,18 +285,6 @@ def table(results: list[dict], categories: list[str]) -> str:
     return "\n".join(lines)
 
 
-def parse_variants(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, dict]:
-    """Parse ``NAME=JSON`` variant specifications into constructor arguments per name."""
-    variants = {}
-    for spec in specs:
-        name, _, arguments = spec.partition("=")
-        try:
-            variants[name.strip()] = json.loads(arguments)
-        except json.JSONDecodeError as error:
-            parser.error(f'--variant {spec!r}: expected NAME={{"argument": value}} with JSON arguments ({error}).')
-    return variants
-
-
 def main() -> None:
     """Parse arguments, run every model on every category, print the table and save the results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -315,13 +304,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="rows of another seed are named 'MODEL (seed N)'")
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu (default), gpu, auto")
     parser.add_argument("--out", type=Path, default=Path("results/quality"))
-    parser.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar='NAME={"arg": value}',
-        help="an extra FocusDist row: a name and the constructor arguments (JSON) it changes; repeatable",
-    )
+    add_variant_argument(parser)
     parser.add_argument(
         "--reference",
         nargs="+",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.deploy import CompressionType, ExportType
-from builders import DEFAULT_BACKBONE, LAYERS, build_model
+from builders import DEFAULT_BACKBONE, LAYERS, add_variant_argument, build_model, parse_variants
 from export_common import (
     Variant,
     argument_parser,
@@ -126,8 +126,9 @@ def runner(variant: Variant, path: Path, threads: int) -> tuple[Callable | None,
 def benchmark_model(name: str, data, calibration, args) -> list[dict]:
     """Fit, export and time one model in every form."""
     seed(args.seed)
-    model = build_model(name, backbone_weights=args.backbone_weights)
-    engine, checkpoint = train(model, data, args.out / "runs" / name, args.epochs if name == "FocusDist" else 1)
+    model = build_model(name, backbone_weights=args.backbone_weights, focusdist_arguments=args.variants.get(name))
+    epochs = args.epochs if isinstance(model, FocusDist) else 1
+    engine, checkpoint = train(model, data, args.out / "runs" / name, epochs)
     single, batch = inputs(data, args.batch)
     rows = [{"model": name, "runtime": "PyTorch eager", "precision": "f32"}]
     rows[0].update(measure(torch_runner(load(type(model), checkpoint)), single, batch, args))
@@ -214,7 +215,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=10, help="timed calls at --batch per form")
     parser.add_argument("--forms", nargs="+", help="only these exported forms (e.g. 'OpenVINO FP32'); default: all")
     parser.add_argument("--no-backbone", action="store_true", help="skip the row of the feature extractor alone")
+    add_variant_argument(parser)
     args = parse(parser)
+    args.variants = parse_variants(parser, args.variant)
+    args.models += [name for name in args.variants if name not in args.models]
     torch.set_num_threads(args.threads)
     data, calibration = test_and_calibration_data(args)
     load_before = os.getloadavg()
