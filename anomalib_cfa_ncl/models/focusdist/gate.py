@@ -342,7 +342,8 @@ class ScoredCandidates:
         frames (tuple[bool | None, ...]): The frames compared (``None``: the model's own, without a gate).
         banks (dict): A patch bank per frame and pooling, sampled from the images the candidates were fitted on and
             not yet built; empty where the bank is not a candidate (or in several processes).
-        normal (torch.Tensor): The held-back images, ``(B, 3, H, W)``.
+        embedded (dict): Per frame, the embeddings and total transforms of the held-back images, then of each family's
+            anomalous copies (:meth:`FocusDistModel.embed`, unpooled); kept only where a bank is a candidate.
         families (list[tuple[torch.Tensor, torch.Tensor]]): Each family's anomalous copies and masks ``(B, H, W)``.
         resamples (torch.Tensor): Image indices of each bootstrap resample, ``(R, B)``.
 
@@ -354,7 +355,7 @@ class ScoredCandidates:
     grid: tuple[int, ...]
     frames: tuple[bool | None, ...]
     banks: dict[tuple[bool | None, bool], PatchBank]
-    normal: torch.Tensor
+    embedded: dict[bool | None, list[tuple[torch.Tensor, torch.Tensor]]]
     families: list[tuple[torch.Tensor, torch.Tensor]]
     resamples: torch.Tensor
 
@@ -419,9 +420,12 @@ def score_candidates(
     resamples = torch.randint(held, (RESAMPLES, held), generator=torch.Generator().manual_seed(BOOTSTRAP_SEED))
     calibrations = (True, False) if model.distance_calibration else (False,)
     results, scales = [], []
+    kept_embeddings = {}  # for the patch bank's decision: no second backbone pass over the held-back images
     for aligned in frames:
         with _frame(gate, aligned), model.grid_pooling.off():
             embedded = [model.embed(images) for images in (normal, *(anomalous for anomalous, _ in families))]
+        if banks:
+            kept_embeddings[aligned] = embedded
         thetas = [theta for _, theta in embedded]
         for pooled in poolings:
             pooled_embeddings = [_pooled(model, embedding, pooled) for embedding, _ in embedded]
@@ -437,7 +441,7 @@ def score_candidates(
     total = ((reduce(total) if reduce is not None else total) / counts[0]).float()
     total = total.view(RESAMPLES + 1, len(frames), len(poolings), len(shrinkages), len(calibrations))
     grid = tuple(embedded[0][0].shape[-2:])
-    return ScoredCandidates(total, scales, int(counts[0]), grid, frames, banks, normal, families, resamples)
+    return ScoredCandidates(total, scales, int(counts[0]), grid, frames, banks, kept_embeddings, families, resamples)
 
 
 def _pooled(model: FocusDistModel, embedding: torch.Tensor, pooled: bool) -> torch.Tensor:
@@ -564,9 +568,9 @@ def _decide_patch_bank(
 ) -> tuple[bool, torch.Tensor | None]:
     """Whether the patch bank replaces the chosen Gaussian: where it separates better beyond the noise.
 
-    The bank sampled from the fitting images in the chosen frame and pooling is built, the held-back images are
-    scored by it (calibrated as the Gaussian is, when ``model.distance_calibration``) and compared resample by
-    resample with the chosen Gaussian.
+    The bank sampled from the fitting images in the chosen frame and pooling is built, the held-back images (their
+    embeddings from :func:`score_candidates`) are scored by it (calibrated as the Gaussian is, when
+    ``model.distance_calibration``) and compared resample by resample with the chosen Gaussian.
 
     Args:
         model (FocusDistModel): The model, in evaluation mode.
@@ -582,8 +586,7 @@ def _decide_patch_bank(
 
     """
     bank.finalize()
-    with _frame(model.alignment_gate, frame), model.grid_pooling.off():
-        embedded = [model.embed(images) for images in (scored.normal, *(anomalous for anomalous, _ in scored.families))]
+    embedded = scored.embedded[frame]
     distances = [bank.distance(_pooled(model, embedding, pooled)) for embedding, _ in embedded]
     thetas = [theta for _, theta in embedded]
     calibrated = model.distance_calibration
