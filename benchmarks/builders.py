@@ -61,16 +61,19 @@ def build_model(
     )
 
 
-def parse_variants(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, dict]:
-    """Parse ``NAME=JSON`` variant specifications into constructor arguments per name."""
-    variants = {}
-    for spec in specs:
+def parse_variants(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Parse ``--variant NAME=JSON`` into ``args.variants`` (constructor arguments per name) and add their rows.
+
+    Every variant's name joins ``args.models`` (once), so that it is run after the models asked for.
+    """
+    args.variants = {}
+    for spec in args.variant:
         name, _, arguments = spec.partition("=")
         try:
-            variants[name.strip()] = json.loads(arguments)
+            args.variants[name.strip()] = json.loads(arguments)
         except json.JSONDecodeError as error:
             parser.error(f'--variant {spec!r}: expected NAME={{"argument": value}} with JSON arguments ({error}).')
-    return variants
+    args.models += [name for name in args.variants if name not in args.models]
 
 
 def add_variant_argument(parser: argparse.ArgumentParser) -> None:

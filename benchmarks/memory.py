@@ -88,8 +88,7 @@ def main() -> None:
         print(json.dumps(fit_once(name, Path(root), int(size), json.loads(arguments))))
         return
 
-    variants = parse_variants(parser, args.variant)
-    args.models += [name for name in variants if name not in args.models]
+    parse_variants(parser, args)
 
     from anomalib_cfa_ncl.data import make_mvtec_dataset
 
@@ -103,7 +102,9 @@ def main() -> None:
         sizes = args.sizes
         rows = {
             name: {
-                size: [measure(name, roots[size], args.image_size, variants.get(name)) for _ in range(args.repeats)]
+                size: [
+                    measure(name, roots[size], args.image_size, args.variants.get(name)) for _ in range(args.repeats)
+                ]
                 for size in sizes
             }
             for name in args.models

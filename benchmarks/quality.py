@@ -337,8 +337,7 @@ def main() -> None:
             lines += per_category_differences(results, categories, folders, args.reference, model)
         print("\n".join([table(results, categories), *lines]))
         return
-    args.variants = parse_variants(parser, args.variant)
-    args.models += [name for name in args.variants if name not in args.models]
+    parse_variants(parser, args)
     if args.root is None or not args.root.is_dir():
         parser.error(f"--root {args.root} is not a folder: generate the dataset first or pass an MVTec-format root.")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

@@ -217,8 +217,7 @@ def main() -> None:
     parser.add_argument("--no-backbone", action="store_true", help="skip the row of the feature extractor alone")
     add_variant_argument(parser)
     args = parse(parser)
-    args.variants = parse_variants(parser, args.variant)
-    args.models += [name for name in args.variants if name not in args.models]
+    parse_variants(parser, args)
     torch.set_num_threads(args.threads)
     data, calibration = test_and_calibration_data(args)
     load_before = os.getloadavg()
