@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import Normalize
 
 from anomalib_cfa_ncl import FocusDist
 from anomalib_cfa_ncl.models.focusdist.checkpoint import BANK_KEYS, POOLING_KEY
+from anomalib_cfa_ncl.models.focusdist.gaussian import CPU_LOCATION_CHUNK
 
 from .helpers import IMAGE_SIZE, export_ir, tiny_datamodule
 
@@ -336,3 +337,15 @@ def test_edge_example_skips_a_non_finite_image_in_one_line(
         "error: broken.npy: 1 NaN or infinite pixel value(s): not scored (fix its source file)."
     )
     assert [json.loads(line)["image"] for line in result.stdout.splitlines()] == ["clean.npy"]
+
+
+def test_exported_distances_convert_the_precision_matrices_once(dynamic_ir: Path, reference: FocusDist) -> None:
+    # Eager CPU distances take the locations a few at a time (cheaper there); an export must hold one product.
+    locations = reference.model.gaussian.precision.shape[0]
+    assert locations > CPU_LOCATION_CHUNK  # else one chunk would look like one product
+    model = ov.Core().read_model(dynamic_ir)
+    matrices = [
+        op for op in model.get_ops() if op.get_type_name() == "MatMul" and op.get_output_partial_shape(0).rank == 3
+    ]
+    precision_products = [op for op in matrices if op.get_output_partial_shape(0)[0] == locations]
+    assert len(precision_products) == 1

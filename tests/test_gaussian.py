@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from anomalib_cfa_ncl.models.focusdist.gaussian import SCALE_BOUNDS, StreamingGaussian, calibration_scale
+from anomalib_cfa_ncl.models.focusdist.gaussian import (
+    CPU_LOCATION_CHUNK,
+    SCALE_BOUNDS,
+    StreamingGaussian,
+    calibration_scale,
+)
 
 
 def _reference(samples: np.ndarray, regularization: float) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +42,21 @@ def test_streaming_fit_matches_numpy(storage: str) -> None:
     delta = x.reshape(3, 5, 6).permute(0, 2, 1).numpy() - mean[None]
     expected = np.sqrt(np.einsum("bld,lde,ble->bl", delta, precision, delta)).reshape(3, 2, 3)
     assert np.allclose(gaussian.mahalanobis(x).numpy(), expected, rtol=10 * tolerance)
+
+
+def test_eager_distances_by_chunks_of_locations_equal_the_exported_single_product(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    gaussian = StreamingGaussian(shrinkage=0.3)
+    gaussian.update(torch.randn(30, 6, 5, 5))
+    gaussian.finalize()
+    gaussian.calibrate(torch.rand(25) + 0.5)
+    assert 25 % CPU_LOCATION_CHUNK != 0  # several chunks, the last one shorter
+    x = torch.randn(3, 6, 5, 5)
+    eager = gaussian.mahalanobis(x)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert torch.equal(eager, gaussian.mahalanobis(x))  # bit for bit: same products per location
 
 
 def test_one_image_and_constant_images_stay_invertible_and_finite() -> None:
