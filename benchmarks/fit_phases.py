@@ -100,7 +100,7 @@ class EpochClock(Callback):
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self.started = 0.0
+        self.started = self.last_batch = self.started_validation = 0.0
 
     def on_train_epoch_start(self, *args: Any) -> None:
         self.started = self.clock.now()
