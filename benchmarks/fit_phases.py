@@ -33,7 +33,7 @@ from export_common import quiet_engine
 from lightning.pytorch import Callback, seed_everything
 
 from anomalib_cfa_ncl.data.synthetic import make_mvtec_dataset
-from anomalib_cfa_ncl.models.focusdist import gate
+from anomalib_cfa_ncl.models.focusdist import gate, synthetic_defects
 from anomalib_cfa_ncl.models.focusdist.gaussian import StreamingGaussian
 from anomalib_cfa_ncl.models.focusdist.lightning_model import FocusDist
 from anomalib_cfa_ncl.models.focusdist.torch_model import FocusDistModel
@@ -43,8 +43,8 @@ DEMO_CATEGORY = "coffee"
 TIMED = [
     (1, "statistics (gate + Gaussian)", FocusDistModel, "fit_statistics"),
     (2, "gate: candidates scored", gate, "score_candidates"),
-    (3, "synthetic defects, Perlin blobs", gate, "perlin_anomalies"),
-    (3, "synthetic defects, thin lines", gate, "thin_anomalies"),
+    (3, "synthetic defects, Perlin blobs", synthetic_defects, "perlin_anomalies"),
+    (3, "synthetic defects, thin lines", synthetic_defects, "thin_anomalies"),
     (3, "maps + bootstrap AUROCs", gate, "_family_mean_separation"),
     (2, "backbone passes (embed, all)", FocusDistModel, "embed"),
     (2, "Gaussian updates (all)", StreamingGaussian, "update"),

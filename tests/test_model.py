@@ -13,6 +13,7 @@ from skimage import data as skimage_data
 from anomalib_cfa_ncl import FocusDist, FocusDistModel
 from anomalib_cfa_ncl.models.focusdist.alignment import warp
 from anomalib_cfa_ncl.models.focusdist.checkpoint import CALIBRATION_KEY, POOLING_KEY
+from anomalib_cfa_ncl.models.focusdist.lightning_model import pixel_normalization
 
 from .helpers import tiny_datamodule, tiny_engine, tiny_model
 
@@ -135,11 +136,33 @@ def test_statistics_are_fitted_once_for_a_validation_after_the_last_epoch(tiny_d
     model = tiny_model()
     fits = []
     fit_statistics = model.model.fit_statistics
-    model.model.fit_statistics = lambda *args, **kwargs: (fits.append(1), fit_statistics(*args, **kwargs))
+    model.model.fit_statistics = lambda *args, **kwargs: (fits.append(args), fit_statistics(*args, **kwargs))
     engine = tiny_engine(tmp_path, max_epochs=3)
     engine.fit(model, datamodule=tiny_datamodule(tiny_dataset_root))
     assert len(fits) == 1
     assert engine.trainer.check_val_every_n_epoch == 3
+    # the gate draws its synthetic defects in pixel values: it is given the pre-processor's normalisation
+    mean, std = fits[0][2]
+    assert torch.allclose(mean, torch.tensor([0.485, 0.456, 0.406])) and torch.allclose(
+        std, torch.tensor([0.229, 0.224, 0.225])
+    )
+
+
+def test_the_normalisation_is_read_from_any_pre_processor_transform() -> None:
+    from torchvision.transforms import v2
+
+    assert pixel_normalization(None) is None
+    assert pixel_normalization(v2.Compose([v2.Resize(64)])) is None  # images in pixel values
+    transform = v2.Compose(
+        [
+            v2.Resize(64),
+            v2.Normalize([0.2, 0.3, 0.4], [0.5, 0.6, 0.7]),
+            v2.Compose([v2.Normalize([1.0, -1.0, 0.5], [2.0, 3.0, 4.0])]),
+        ]
+    )
+    pixels = torch.rand(1, 3, 64, 64)
+    mean, std = pixel_normalization(transform)
+    assert torch.allclose(transform(pixels) * std.view(3, 1, 1) + mean.view(3, 1, 1), pixels, atol=1e-6)
 
 
 def test_mixed_precision_training_runs_all_three_stages(tiny_dataset_root, tmp_path) -> None:

@@ -48,7 +48,7 @@ from .alignment import identity_theta
 from .gaussian import calibration_scale
 from .patch_bank import PatchBank
 from .pooling import flag_held
-from .synthetic_defects import perlin_anomalies, thin_anomalies
+from .synthetic_defects import PixelNormalization, anomalous_copies
 
 if TYPE_CHECKING:
     from .torch_model import FocusDistModel
@@ -272,7 +272,10 @@ def _pair_counts(
 
 
 def choose_scoring(
-    model: FocusDistModel, batches: Iterable[torch.Tensor], reduce: Reduce | None = None
+    model: FocusDistModel,
+    batches: Iterable[torch.Tensor],
+    reduce: Reduce | None = None,
+    normalization: PixelNormalization | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """Decide, on its training images, how ``model`` scores: frame, grid pooling, shrinkage, patch bank, calibration.
 
@@ -293,6 +296,8 @@ def choose_scoring(
         model (FocusDistModel): The trained model.
         batches (Iterable[torch.Tensor]): Pre-processed training images without augmentation, ``(B, 3, H, W)``.
         reduce (Callable | None): Sums a tensor over processes (distributed training); ``None`` in one process.
+        normalization (PixelNormalization | None): The per-channel mean and std the images were normalised with,
+            so that the synthetic defects are drawn in pixel values; ``None`` for images in pixel values.
 
     Returns:
         tuple[torch.Tensor | None, bool]: The calibration scale per location ``(L,)`` of the chosen scorer
@@ -302,7 +307,7 @@ def choose_scoring(
     """
     shrinkages = [0.0, model.covariance_shrinkage] if model.covariance_shrinkage > 0 else [0.0]
     model.grid_pooling.enabled.fill_(False)
-    scored = score_candidates(model, batches, shrinkages, reduce)
+    scored = score_candidates(model, batches, shrinkages, reduce, normalization)
     model.gaussian.shrinkage = 0.0
     if scored is None:
         return None, False
@@ -361,7 +366,11 @@ class ScoredCandidates:
 
 
 def score_candidates(
-    model: FocusDistModel, batches: Iterable[torch.Tensor], shrinkages: list[float], reduce: Reduce | None = None
+    model: FocusDistModel,
+    batches: Iterable[torch.Tensor],
+    shrinkages: list[float],
+    reduce: Reduce | None = None,
+    normalization: PixelNormalization | None = None,
 ) -> ScoredCandidates | None:
     """Score the held-back images, as they are and with synthetic anomalies, under every candidate fitted on the rest.
 
@@ -377,6 +386,8 @@ def score_candidates(
         batches (Iterable[torch.Tensor]): Pre-processed training images without augmentation, ``(B, 3, H, W)``.
         shrinkages (list[float]): The covariance shrinkages to compare.
         reduce (Callable | None): Sums a tensor over processes (distributed training); ``None`` in one process.
+        normalization (PixelNormalization | None): The images' per-channel mean and std (the defects are drawn in
+            pixel values); ``None`` for images in pixel values.
 
     Returns:
         ScoredCandidates | None: The candidates' separations; ``None``, after saying why, when too few images could be
@@ -416,7 +427,7 @@ def score_candidates(
             logger.info("FocusDist: too few training images to hold some back: the distances are not calibrated.")
         return None
     normal = torch.cat(held_back)
-    families = [perlin_anomalies(normal), thin_anomalies(normal)]
+    families = anomalous_copies(normal, normalization)
     resamples = torch.randint(held, (RESAMPLES, held), generator=torch.Generator().manual_seed(BOOTSTRAP_SEED))
     calibrations = (True, False) if model.distance_calibration else (False,)
     results, scales = [], []

@@ -31,11 +31,14 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision import transforms as v1
+from torchvision.transforms import v2
 
 from .checkpoint import check_checkpoint, checkpoint_file, upgrade_checkpoint
 from .export import ExportChecks, check_input_grid
 from .loss import FocusDistLoss
 from .post_processor import FocusDistPostProcessor
+from .synthetic_defects import PixelNormalization
 from .torch_model import FocusDistModel
 from .visualization import AlignmentVisualizer
 
@@ -273,7 +276,7 @@ class FocusDist(ExportChecks, AnomalibModule):
             reduce = lambda tensor: self.trainer.strategy.reduce(tensor, reduce_op="sum")  # noqa: E731
         transform = getattr(self.pre_processor, "transform", None)
         images = TrainingImages(statistics_dataloader(self.trainer), transform, self.device)
-        self.model.fit_statistics(images, reduce)
+        self.model.fit_statistics(images, reduce, pixel_normalization(transform))
         self._statistics_stale = False
 
     def configure_post_processor(self) -> FocusDistPostProcessor:
@@ -309,6 +312,40 @@ class TrainingImages:
         for batch in self.loader:
             images = batch.image.to(self.device)
             yield self.transform(images) if self.transform is not None else images
+
+
+def pixel_normalization(transform: nn.Module | None) -> PixelNormalization | None:
+    """The per-channel mean and std of the ``Normalize`` steps in a pre-processor's transform, composed.
+
+    The gate draws its synthetic defects in pixel values (:func:`.synthetic_defects.anomalous_copies`), so it takes
+    the training images back through the normalisation that the pre-processor applied.
+
+    Args:
+        transform (nn.Module | None): The pre-processor's transform (a torchvision ``Compose``, nested or not).
+
+    Returns:
+        PixelNormalization | None: ``(mean, std)``, each ``(C,)``, such that normalised = (pixels - mean) / std;
+        ``None`` when the transform does not normalise.
+
+    Example:
+        >>> from torchvision.transforms import v2
+        >>> pixel_normalization(v2.Compose([v2.Resize(256), v2.Normalize([0.5] * 3, [0.25] * 3)]))
+        (tensor([0.5000, 0.5000, 0.5000]), tensor([0.2500, 0.2500, 0.2500]))
+
+    """
+    mean, std = torch.zeros(()), torch.ones(())
+    steps = [(torch.as_tensor(step.mean), torch.as_tensor(step.std)) for step in _normalize_steps(transform)]
+    for step_mean, step_std in steps:  # (x - M) / S, then (. - m) / s  =  (x - (M + m S)) / (S s)
+        mean, std = mean + step_mean * std, std * step_std
+    return (mean.float(), std.float()) if steps else None
+
+
+def _normalize_steps(transform: nn.Module | None) -> Iterator[v1.Normalize | v2.Normalize]:
+    """The ``Normalize`` transforms in ``transform``, in the order they are applied."""
+    if isinstance(transform, v1.Normalize | v2.Normalize):
+        yield transform
+    for step in getattr(transform, "transforms", []) if isinstance(transform, v1.Compose | v2.Compose) else []:
+        yield from _normalize_steps(step)
 
 
 def statistics_dataloader(trainer: Trainer) -> DataLoader:

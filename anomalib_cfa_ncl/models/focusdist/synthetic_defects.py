@@ -3,6 +3,9 @@
 Two families, so that no decision rests on one kind of defect: anomalib's Perlin-noise blobs, and thin curved lines
 (1 to 4 px wide) along the zero level set of anomalib's Perlin noise inside a random disc, filled and blended as
 anomalib fills its blobs. Both have fixed seeds, so that a decision is reproducible.
+
+Both are drawn in pixel values (``[0, 1]``), for which anomalib made its generator: blended into ImageNet-normalised
+images (about ``[-2.1, 2.6]``), a fill in ``[0, 1]`` would be a grey, low-contrast patch, not anomalib's defect.
 """
 
 from __future__ import annotations
@@ -16,6 +19,40 @@ THIN_HALF_WIDTH = (0.6, 2.0)  # pixels: lines 1 to 4 px wide
 THIN_RADIUS = (0.08, 0.23)  # of the shorter image side: 20 to 60 px at 256 px
 THIN_MIN_PIXELS = 30
 THIN_BLEND = (0.1, 0.6)  # share of the image kept under the line
+
+PixelNormalization = tuple[torch.Tensor, torch.Tensor]  # per-channel mean and std: normalised = (pixels - mean) / std
+
+
+def anomalous_copies(
+    images: torch.Tensor, normalization: PixelNormalization | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each family's anomalous copy of every image (Perlin blobs, then thin lines), drawn in pixel values.
+
+    Args:
+        images (torch.Tensor): Pre-processed images, shape ``(B, 3, H, W)``.
+        normalization (PixelNormalization | None): The per-channel mean and std ``(3,)`` the pre-processor normalised
+            ``images`` with; ``None`` when they are pixel values already.
+
+    Returns:
+        list[tuple[torch.Tensor, torch.Tensor]]: Per family, the anomalous images ``(B, 3, H, W)`` in the frame of
+        ``images`` and their masks ``(B, H, W)``; pixels outside a mask are the input's, bit for bit.
+
+    Example:
+        >>> mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        >>> images = (torch.rand(2, 3, 64, 64) - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+        >>> [anomalous.shape for anomalous, _ in anomalous_copies(images, (mean, std))]
+        [torch.Size([2, 3, 64, 64]), torch.Size([2, 3, 64, 64])]
+
+    """
+    if normalization is None:
+        return [perlin_anomalies(images), thin_anomalies(images)]
+    mean, std = (value.to(images).view(1, -1, 1, 1) for value in normalization)
+    pixels = images * std + mean
+    copies = []
+    for anomalous, masks in (perlin_anomalies(pixels), thin_anomalies(pixels)):
+        # only the defect's pixels go back through the normalisation: the rest keep their exact values
+        copies.append((torch.where(masks[:, None], (anomalous - mean) / std, images), masks))
+    return copies
 
 
 def perlin_anomalies(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@ from .gaussian import StreamingGaussian, channel_subset
 from .loss import NCLHead, TrainingOutput, at_most_grid
 from .patch_bank import PatchBank
 from .pooling import GridPooling
+from .synthetic_defects import PixelNormalization
 
 
 def _layer_key(layer: str) -> str:
@@ -248,7 +249,12 @@ class FocusDistModel(nn.Module):
         images_out = aligned.aligned_images if self.image_transformer is not None else None
         return TrainingOutput(ncl_pairs=pairs, aligned_images=images_out)
 
-    def fit_statistics(self, batches: Iterable[torch.Tensor], reduce: Reduce | None = None) -> None:
+    def fit_statistics(
+        self,
+        batches: Iterable[torch.Tensor],
+        reduce: Reduce | None = None,
+        normalization: PixelNormalization | None = None,
+    ) -> None:
         """Fit what scoring needs from the training images: the alignment gate's decision, then the Gaussian.
 
         Two passes over ``batches``: the input or the aligned frame, with or without the grid pooling and covariance
@@ -262,6 +268,9 @@ class FocusDistModel(nn.Module):
                 per batch; iterated twice, so a list or a ``DataLoader``, not a generator.
             reduce (Callable | None): Sums a tensor over processes when each process passes its share of the
                 images (distributed training); ``None`` in a single process.
+            normalization (PixelNormalization | None): The per-channel mean and std ``(3,)`` the images were
+                normalised with, so that the gate draws its synthetic defects in pixel values
+                (:func:`.synthetic_defects.anomalous_copies`); ``None`` for images in pixel values.
 
         Raises:
             TypeError: If ``batches`` can be iterated only once.
@@ -277,7 +286,7 @@ class FocusDistModel(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             scale, with_bank = None, False
             if self._has_choices():
-                scale, with_bank = choose_scoring(self, batches, reduce)
+                scale, with_bank = choose_scoring(self, batches, reduce, normalization)
             self.gaussian.reset()
             self.patch_bank.clear()
             for images in batches:
