@@ -64,8 +64,12 @@ def test_distance_is_each_locations_nearest_bank_patch_divided_by_its_scale() ->
     scale = torch.linspace(0.5, 2.0, 9)
     bank.calibrate(scale)
     torch.testing.assert_close(bank.distance(embedding), expected / scale.view(1, 3, 3), atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="positive scale per location"):
+    with pytest.raises(ValueError, match="one scale per fitted location"):
         bank.calibrate(torch.ones(4))
+    with pytest.raises(ValueError, match="positive"):
+        bank.calibrate(torch.zeros(9))
+    with pytest.raises(ValueError, match="build the bank first"):
+        PatchBank(8).calibrate(torch.ones(9))
 
 
 def test_a_bank_of_several_chunks_gives_the_nearest_patch_of_all(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -233,15 +233,7 @@ class StreamingGaussian(DynamicBufferMixin):
             ValueError: If the Gaussian is not fitted, or the scale has another number of locations or is not positive.
 
         """
-        if not self.is_fitted or location_scale.shape != self.location_scale.shape:
-            msg = (
-                f"calibrate needs one scale per fitted location, shape {tuple(self.location_scale.shape)}, got "
-                f"{tuple(location_scale.shape)}: fit the Gaussian first, on images of the same size."
-            )
-            raise ValueError(msg)
-        if not bool((location_scale > 0).all()):
-            msg = "Every location's calibration scale must be positive (a mean distance of normal images)."
-            raise ValueError(msg)
+        check_calibration_scale(location_scale, self.location_scale, self.is_fitted, "fit the Gaussian first")
         self.location_scale = location_scale.to(self.location_scale)
 
     def _pooled(self, sums: torch.Tensor, count_include_pad: bool = False) -> torch.Tensor:
@@ -303,6 +295,30 @@ def squared_distance(delta: torch.Tensor, precision: torch.Tensor, precision_sca
     """
     precision = precision.to(delta.dtype) * precision_scale[:, None, None].to(delta.dtype)
     return ((delta @ precision) * delta).sum(dim=2)
+
+
+def check_calibration_scale(location_scale: torch.Tensor, current: torch.Tensor, fitted: bool, remedy: str) -> None:
+    """Refuse a calibration scale that is not one positive number per fitted location (Gaussian or patch bank).
+
+    Args:
+        location_scale (torch.Tensor): The scale offered, ``(L,)``.
+        current (torch.Tensor): The scorer's current scale, whose shape is that of its fitted locations.
+        fitted (bool): Whether the scorer is fitted.
+        remedy (str): What to do first, e.g. "fit the Gaussian first".
+
+    Raises:
+        ValueError: If the scorer is not fitted, or the scale has another number of locations or is not positive.
+
+    """
+    if not fitted or location_scale.shape != current.shape:
+        msg = (
+            f"calibrate needs one scale per fitted location, shape {tuple(current.shape)}, got "
+            f"{tuple(location_scale.shape)}: {remedy}, on images of the same size."
+        )
+        raise ValueError(msg)
+    if not bool((location_scale > 0).all()):
+        msg = "Every location's calibration scale must be positive (a mean distance of normal images)."
+        raise ValueError(msg)
 
 
 def calibration_scale(distance_sum: torch.Tensor, count: float) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from anomalib.models.components.base import DynamicBufferMixin
 
+from .gaussian import check_calibration_scale
 from .precision import at_least_float32, full_precision
 
 SAMPLE_SEED = 0
@@ -113,12 +114,7 @@ class PatchBank(DynamicBufferMixin):
 
     def calibrate(self, location_scale: torch.Tensor) -> None:
         """Divide every location's distance by its scale from now on (see :func:`.gaussian.calibration_scale`)."""
-        if location_scale.shape != self.location_scale.shape or not bool((location_scale > 0).all()):
-            msg = (
-                f"calibrate needs a positive scale per location, shape {tuple(self.location_scale.shape)}, got "
-                f"{tuple(location_scale.shape)}: build the bank first, on images of the same size."
-            )
-            raise ValueError(msg)
+        check_calibration_scale(location_scale, self.location_scale, self.is_fitted, "build the bank first")
         self.location_scale = location_scale.to(self.location_scale)
 
     def distance(self, embedding: torch.Tensor) -> torch.Tensor:
