@@ -160,10 +160,12 @@ def run(name: str, category: str, args: argparse.Namespace) -> dict:
         result["alignment_kept"] = bool(gate.enabled)
         result["gate_separation"] = gate.separation.tolist()
         result["gate_wins"] = gate.wins  # share of the held-back resamples in which the aligned frame won
-    if focusdist:  # the grid pooling, covariance shrinkage and calibration chosen on the training images alone
+    if focusdist:  # the grid pooling, shrinkage, scorer and calibration chosen on the training images alone
         result["grid_pooled"] = bool(model.model.grid_pooling.enabled)
         result["covariance_shrinkage"] = model.model.gaussian.shrinkage
-        result["distance_calibrated"] = not bool((model.model.gaussian.location_scale == 1).all())
+        result["patch_bank_chosen"] = model.model.patch_bank.is_fitted  # the bank scores instead of the Gaussian
+        scorer = model.model.patch_bank if result["patch_bank_chosen"] else model.model.gaussian
+        result["distance_calibrated"] = not bool((scorer.location_scale == 1).all())
     if curve:
         result["curve"] = curve.rows
     return result
