@@ -290,6 +290,8 @@ def test_the_pooling_is_kept_only_where_it_separates_better_beyond_the_noise(cap
     separations[1 : 1 + 96, 1] = 1.0
     separations[1 : 1 + 94, 1] = 1.1  # 94 %: within the noise
     assert not _decide_pooling(separations, 5)
+    separations[1 : 1 + 95, 1] = 1.1  # exactly 95 %: kept (a float32 share, 0.94999999, had refused it)
+    assert _decide_pooling(separations, 5)
     assert not _decide_pooling(separations[:, :1], 5)  # no pooling candidate
 
 
