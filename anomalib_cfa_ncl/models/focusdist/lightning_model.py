@@ -341,11 +341,15 @@ def pixel_normalization(transform: nn.Module | None) -> PixelNormalization | Non
 
 
 def _normalize_steps(transform: nn.Module | None) -> Iterator[v1.Normalize | v2.Normalize]:
-    """The ``Normalize`` transforms in ``transform``, in the order they are applied."""
+    """The ``Normalize`` transforms in ``transform``, in the order they are applied.
+
+    anomalib's ``extract_transforms_by_type`` looks one ``Compose`` deep; this also finds a nested one's steps.
+    """
     if isinstance(transform, v1.Normalize | v2.Normalize):
         yield transform
-    for step in getattr(transform, "transforms", []) if isinstance(transform, v1.Compose | v2.Compose) else []:
-        yield from _normalize_steps(step)
+    elif isinstance(transform, v1.Compose | v2.Compose):
+        for step in transform.transforms:
+            yield from _normalize_steps(step)
 
 
 def statistics_dataloader(trainer: Trainer) -> DataLoader:
