@@ -26,12 +26,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch import Callback
+from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_cfa_ncl.models.focusdist.gate import bootstrap_aurocs
 
 RESAMPLES = 1000
 SEED = 0
 MAP_SIZE = 64  # maps and masks are kept at 64x64 for the pixel-level resamples
+
+
+def raw_score_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """AUROC of raw, non-negative scores (distances): scaled into [0, 1] by their maximum, an order-keeping map.
+
+    torchmetrics passes scores outside [0, 1] through a sigmoid, which rounds every distance above about 17 to 1.0
+    in float32 (the model's raw image scores are mostly above it), so raw distances would read as ties.
+    """
+    scores = scores.double()
+    return float(binary_auroc(scores / scores.max().clamp_min(1e-12), labels.int()))
 
 
 def stable_rank_aurocs(

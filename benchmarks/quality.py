@@ -29,7 +29,7 @@ from anomalib.data import MVTecAD
 from anomalib.metrics import AUPRO, AUROC, Evaluator
 from builders import LAYERS, add_variant_argument, build_model, parse_variants
 from export_common import quiet_engine
-from intervals import MAP_SIZE, RESAMPLES, PairedBootstrap, PredictionRecorder, load_predictions
+from intervals import MAP_SIZE, RESAMPLES, PairedBootstrap, PredictionRecorder, load_predictions, raw_score_auroc
 from lightning.pytorch import Callback, seed_everything
 
 from anomalib_cfa_ncl import FocusDist
@@ -67,17 +67,16 @@ class EpochCurve(Callback):
     def on_train_epoch_end(self, trainer, pl_module: FocusDist) -> None:
         pl_module.fit_statistics_if_stale()
         pl_module.model.eval()
-        image_auroc = AUROC(fields=["pred_score", "gt_label"])
-        pixel_auroc = AUROC(fields=["anomaly_map", "gt_mask"])
+        scores, labels, maps, masks = [], [], [], []
         with torch.no_grad():
             for batch in self.datamodule.test_dataloader():
                 images = pl_module.pre_processor.transform(batch.image.to(pl_module.device))
                 output = pl_module.model(images)
                 size = batch.gt_mask.shape[-2:]
-                maps = torch.nn.functional.interpolate(output.anomaly_map, size=size, mode="bilinear").cpu()
-                scored = batch.update(pred_score=output.pred_score.cpu(), anomaly_map=maps.squeeze(1))
-                image_auroc.update(scored)
-                pixel_auroc.update(scored)
+                maps.append(torch.nn.functional.interpolate(output.anomaly_map, size=size, mode="bilinear").cpu())
+                scores.append(output.pred_score.cpu().flatten())
+                labels.append(batch.gt_label.flatten())
+                masks.append(batch.gt_mask.flatten())
         pl_module.model.train()
         self.rows.append(
             {
@@ -91,8 +90,8 @@ class EpochCurve(Callback):
                     )
                     if key in trainer.callback_metrics
                 },
-                "image_AUROC": float(image_auroc.compute()),
-                "pixel_AUROC": float(pixel_auroc.compute()),
+                "image_AUROC": raw_score_auroc(torch.cat(scores), torch.cat(labels)),
+                "pixel_AUROC": raw_score_auroc(torch.cat([m.flatten() for m in maps]), torch.cat(masks)),
             }
         )
 

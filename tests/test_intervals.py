@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
@@ -75,3 +76,11 @@ def test_several_runs_are_compared_by_their_mean_auroc() -> None:
         assert (
             bootstrap.mean_difference([model, model], [weak, weak], level) == to_weak
         )  # a repeated run changes nothing
+
+
+def test_raw_score_auroc_ranks_distances_that_a_sigmoid_would_tie() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    distances = torch.tensor([20.0, 21.0, 22.0, 23.0, 24.0, 21.5])  # all above 17: sigmoid(x) is 1.0 in float32
+    assert float(binary_auroc(distances, labels)) == 0.5  # what the per-epoch curve read before
+    assert _intervals().raw_score_auroc(distances, labels) == float(binary_auroc(distances / 30, labels))
+    assert _intervals().raw_score_auroc(distances, labels) == pytest.approx(8 / 9, abs=1e-6)  # 8 of 9 pairs
