@@ -73,7 +73,9 @@ class EpochCurve(Callback):
                 images = pl_module.pre_processor.transform(batch.image.to(pl_module.device))
                 output = pl_module.model(images)
                 size = batch.gt_mask.shape[-2:]
-                maps.append(torch.nn.functional.interpolate(output.anomaly_map, size=size, mode="bilinear").cpu())
+                maps.append(
+                    torch.nn.functional.interpolate(output.anomaly_map, size=size, mode="bilinear").cpu().flatten()
+                )
                 scores.append(output.pred_score.cpu().flatten())
                 labels.append(batch.gt_label.flatten())
                 masks.append(batch.gt_mask.flatten())
@@ -91,7 +93,7 @@ class EpochCurve(Callback):
                     if key in trainer.callback_metrics
                 },
                 "image_AUROC": raw_score_auroc(torch.cat(scores), torch.cat(labels)),
-                "pixel_AUROC": raw_score_auroc(torch.cat([m.flatten() for m in maps]), torch.cat(masks)),
+                "pixel_AUROC": raw_score_auroc(torch.cat(maps), torch.cat(masks)),
             }
         )
 
