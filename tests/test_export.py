@@ -36,6 +36,7 @@ PARITY_TOLERANCE = 1e-3  # normalised scores and maps, FP32 IR against PyTorch
 THRESHOLD = 0.5  # the post-processor's normalised threshold
 FP16_TOLERANCE = 1e-2  # FP16 weights: measured 1e-4 to 1e-3 on the tiny model
 INT8_TOLERANCE = 0.1  # INT8 feature network: measured about 2e-2; whole-graph PTQ gave 0.8 (constant maps)
+GATE_KEY = "model.alignment_gate.enabled"
 EXAMPLE = Path(__file__).parents[1] / "examples" / "edge_inference.py"
 
 
@@ -59,15 +60,17 @@ def storages_tagged(location: str) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def cuda_checkpoint(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same checkpoint as a GPU training machine writes it: every tensor tagged ``cuda:0``, and the backbone
-    built from ImageNet weights in a local file that this machine does not have. Its gate chose the grid pooling
-    and the patch bank (the tiny model holds back too few images to choose anything), so that its export carries
-    both: the bank holds the Gaussian's means, real feature vectors, with a calibration scale per location."""
+    built from ImageNet weights in a local file that this machine does not have. Its gate chose the image
+    alignment, the grid pooling and the patch bank (the tiny model holds back too few images to choose anything), so
+    that its export carries all three: the bank holds the Gaussian's means, real feature vectors, with a calibration
+    scale per location."""
     content = torch.load(checkpoint, map_location="cpu", weights_only=False)
     content["hyper_parameters"].update(
         pre_trained=True, backbone_weights="/training-machine/resnet18.safetensors", grid_pooling=5
     )
     state = content["state_dict"]
     state[POOLING_KEY] = torch.ones((), dtype=torch.bool)
+    state[GATE_KEY] = torch.ones((), dtype=torch.bool)  # the image alignment kept: its graph warps the input
     locations = state["model.gaussian.mean"].shape[0]
     state[BANK_KEYS[0]] = state["model.gaussian.mean"].clone()
     state[BANK_KEYS[1]] = torch.linspace(0.8, 1.2, locations)
@@ -118,7 +121,16 @@ def largest_differences(expected: list[dict], actual: list[dict]) -> tuple[float
     return score, maps, labels
 
 
+def image_transformer_ops(ir: Path) -> list[str]:
+    """Names of the IR's operations that the image transformer produced (the exporter names them by module)."""
+    names = [op.get_friendly_name() for op in ov.Core().read_model(ir).get_ops()]
+    return [name for name in names if "image_transformer" in name]
+
+
 def test_openvino_matches_pytorch(dynamic_ir: Path, reference: FocusDist, images: list[torch.Tensor]) -> None:
+    # the gate chose the input frame (too few images to hold back): the graph holds no transformer and no image warp
+    assert not bool(reference.model.alignment_gate.enabled)
+    assert not image_transformer_ops(dynamic_ir)
     inferencer = OpenVINOInferencer(dynamic_ir, device="CPU", config=F32)
     expected = [torch_predict(reference, image) for image in images]
     actual = [openvino_predict(inferencer, image) for image in images]
@@ -152,6 +164,7 @@ def test_cuda_checkpoint_exports_static_ir_on_cpu(
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(cuda_checkpoint, weights_only=False)
     static_ir = export_ir(cuda_checkpoint, tmp_path / "static", input_size=(IMAGE_SIZE, IMAGE_SIZE))
+    assert image_transformer_ops(static_ir)  # the aligned frame: exported with its transformer
     shape = ov.Core().read_model(static_ir).input(0).get_partial_shape()
     assert shape[2].is_static and shape[3].is_static
     assert (shape[2].get_length(), shape[3].get_length()) == (IMAGE_SIZE, IMAGE_SIZE)
@@ -160,6 +173,7 @@ def test_cuda_checkpoint_exports_static_ir_on_cpu(
     pooled.model.grid_pooling.enabled.fill_(True)
     with_bank = FocusDist.load_from_checkpoint(cuda_checkpoint, map_location="cpu").eval()
     assert with_bank.model.patch_bank.is_fitted and with_bank.model.grid_pooling.enabled
+    assert with_bank.model.alignment_gate.enabled
     expected = [torch_predict(with_bank, image) for image in images]
     for other in (reference, pooled):  # the pooling and the bank change the maps, so the IR must carry both
         changed = [

@@ -100,6 +100,25 @@ def test_gate_drops_an_alignment_that_scrambles_aligned_images() -> None:
         assert torch.equal(model.align_images(images[:2])[0], images[:2])  # evaluation uses the input frame
 
 
+def test_the_input_frame_runs_no_image_transformer(monkeypatch) -> None:
+    """In PyTorch and in an exported graph: the export fixes the decision, without which it keeps both frames."""
+    images = _photo().expand(6, -1, -1, -1)
+    model = _model_with_poses(images, similarity_theta(torch.zeros(6, 4), math.pi / 4, math.log(1.25), 0.5)).eval()
+    calls: list[int] = []
+    model.image_transformer.register_forward_hook(lambda *_: calls.append(1))
+    gate = model.alignment_gate
+    model.align_images(images)
+    assert calls == [1]  # kept (the decision before any fit)
+    gate.enabled.fill_(False)
+    assert torch.equal(model.align_images(images)[0], images) and calls == [1]
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)  # a traced buffer has no value to branch on
+    assert not gate.chose_input_frame()
+    with gate.decision_fixed():
+        assert gate.chose_input_frame()
+        model.align_images(images)
+    assert calls == [1] and gate.exported_decision is None
+
+
 def test_gate_keeps_the_input_frame_and_says_why_without_enough_images(caplog) -> None:
     images, undo = _posed(4, strength=0.6)
     model = _model_with_poses(images, undo)

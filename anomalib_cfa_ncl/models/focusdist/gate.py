@@ -86,6 +86,27 @@ class AlignmentGate(nn.Module):
         self.enabled: torch.Tensor
         self.separation: torch.Tensor
         self.wins: float | None = None  # share of resamples the aligned frame won (the last decision; not saved)
+        self.exported_decision: bool | None = None  # the decision as a Python value while a graph is exported
+
+    def chose_input_frame(self) -> bool:
+        """Whether evaluation uses the input frame, so that the image transformer need not run at all.
+
+        While a graph is exported the buffer has no value to branch on: the decision taken into
+        :meth:`decision_fixed` is used, so the graph holds only the chosen frame; without it the graph keeps both
+        (a select in :meth:`forward`).
+        """
+        if self.exported_decision is not None:
+            return not self.exported_decision
+        return False if torch.compiler.is_exporting() else not bool(self.enabled)
+
+    @contextmanager
+    def decision_fixed(self) -> Iterator[None]:
+        """Hold the decision as a Python value for the duration of the block (an export), then forget it."""
+        self.exported_decision = bool(self.enabled)
+        try:
+            yield
+        finally:
+            self.exported_decision = None
 
     def frame(self, aligned: bool) -> AbstractContextManager[None]:
         """Evaluate in the given frame for the duration of the block, whatever was decided."""

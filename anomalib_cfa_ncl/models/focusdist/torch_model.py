@@ -161,12 +161,16 @@ class FocusDistModel(nn.Module):
             ``(B, 2, 3)`` (identity when image alignment is off).
 
         """
-        if self.image_transformer is None:
+        if self.image_transformer is None or self._input_frame_chosen():
             return images, identity_theta(images.shape[0], images.device, images.dtype)
         theta = self.image_transformer(images)
         if not self.training and self.alignment_gate is not None:  # the gate's decision (gate.py)
             theta = self.alignment_gate(theta)
         return warp(images, theta, padding_mode="reflection"), theta
+
+    def _input_frame_chosen(self) -> bool:
+        """In evaluation, whether the gate chose the input frame: no transform to predict and no warp to run."""
+        return not self.training and self.alignment_gate is not None and self.alignment_gate.chose_input_frame()
 
     def extract_features(self, images: torch.Tensor) -> AlignedFeatures:
         """Run the image-level alignment, then the backbone with the feature-level alignment of every stage.
