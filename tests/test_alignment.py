@@ -11,7 +11,13 @@ import torch.nn.functional as F  # noqa: N812
 from kornia.geometry.transform import invert_affine_transform
 from skimage import data as skimage_data
 
-from anomalib_cfa_ncl.models.focusdist.alignment import SimilarityTransformer, compose_theta, similarity_theta, warp
+from anomalib_cfa_ncl.models.focusdist.alignment import (
+    SimilarityTransformer,
+    compose_theta,
+    resize,
+    similarity_theta,
+    warp,
+)
 from anomalib_cfa_ncl.models.focusdist.loss import ica_loss
 
 
@@ -37,6 +43,16 @@ def test_a_pose_shared_by_every_image_is_removed() -> None:
     torch.nn.init.normal_(stn.head.weight, std=0.1)
     params = stn.head(stn.localisation(varied))
     assert torch.allclose(stn.train().centre_pose(params).mean(dim=0), torch.zeros(4), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (16, 12), (64, 64), (40, 56)])
+def test_resize_is_the_warp_by_the_identity(size: tuple) -> None:
+    """Where nothing moved, the scoring resizes instead of warping: down and up, border values held alike."""
+    tensor = torch.randn(2, 5, 16, 16, dtype=torch.float64)
+    identity = torch.eye(2, 3, dtype=torch.float64).expand(2, 2, 3)
+    expected = warp(tensor, identity, size=size, padding_mode="border")
+    assert torch.allclose(resize(tensor, size), expected, atol=1e-10)
+    assert resize(tensor.to(torch.bfloat16), size).dtype == torch.bfloat16
 
 
 def test_compose_and_invert_are_consistent() -> None:

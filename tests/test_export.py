@@ -127,10 +127,16 @@ def image_transformer_ops(ir: Path) -> list[str]:
     return [name for name in names if "image_transformer" in name]
 
 
+def grid_samples(ir: Path) -> int:
+    """How many warps the IR runs (one ``GridSample`` each); a resize where nothing moves has none."""
+    return sum(op.get_type_name() == "GridSample" for op in ov.Core().read_model(ir).get_ops())
+
+
 def test_openvino_matches_pytorch(dynamic_ir: Path, reference: FocusDist, images: list[torch.Tensor]) -> None:
     # the gate chose the input frame (too few images to hold back): the graph holds no transformer and no image warp
     assert not bool(reference.model.alignment_gate.enabled)
     assert not image_transformer_ops(dynamic_ir)
+    assert grid_samples(dynamic_ir) == 0  # no feature alignment either: the layers and the map are only resized
     inferencer = OpenVINOInferencer(dynamic_ir, device="CPU", config=F32)
     expected = [torch_predict(reference, image) for image in images]
     actual = [openvino_predict(inferencer, image) for image in images]
@@ -165,6 +171,7 @@ def test_cuda_checkpoint_exports_static_ir_on_cpu(
             torch.load(cuda_checkpoint, weights_only=False)
     static_ir = export_ir(cuda_checkpoint, tmp_path / "static", input_size=(IMAGE_SIZE, IMAGE_SIZE))
     assert image_transformer_ops(static_ir)  # the aligned frame: exported with its transformer
+    assert grid_samples(static_ir) == 5  # the image, three layers to the scoring grid, the map back to the input
     shape = ov.Core().read_model(static_ir).input(0).get_partial_shape()
     assert shape[2].is_static and shape[3].is_static
     assert (shape[2].get_length(), shape[3].get_length()) == (IMAGE_SIZE, IMAGE_SIZE)

@@ -7,7 +7,7 @@ from anomalib.models.components.filters.blur import compute_kernel_size
 from kornia.filters import GaussianBlur2d
 from torch import nn
 
-from .alignment import warp
+from .alignment import resize, warp
 from .precision import at_least_float32, full_precision
 
 
@@ -22,6 +22,8 @@ class AnomalyMapGenerator(nn.Module):
         >>> theta = torch.eye(2, 3).expand(2, 2, 3)
         >>> generator(torch.rand(2, 32, 32), theta, (256, 256)).shape
         torch.Size([2, 1, 256, 256])
+        >>> generator(torch.rand(2, 32, 32), None, (256, 256)).shape  # nothing moved: a resize
+        torch.Size([2, 1, 256, 256])
 
     """
 
@@ -32,12 +34,13 @@ class AnomalyMapGenerator(nn.Module):
         # where the 2-D kernel cost as much as the rest of the scoring); results agree to float rounding
         self.blur = GaussianBlur2d((side, side), (sigma, sigma), border_type="reflect", separable=True)
 
-    def forward(self, distance: torch.Tensor, theta: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, distance: torch.Tensor, theta: torch.Tensor | None, image_size: tuple[int, int]) -> torch.Tensor:
         """Compute the anomaly map.
 
         Args:
             distance (torch.Tensor): Distances in the aligned frame, shape ``(B, h, w)``.
-            theta (torch.Tensor): The total alignment, input frame to aligned frame, shape ``(B, 2, 3)``.
+            theta (torch.Tensor | None): The total alignment, input frame to aligned frame, shape ``(B, 2, 3)``;
+                ``None`` when nothing was moved (the map is only resized).
             image_size (tuple[int, int]): ``(H, W)`` of the input image.
 
         Returns:
@@ -45,6 +48,7 @@ class AnomalyMapGenerator(nn.Module):
 
         """
         with full_precision(distance.device.type):
-            distance = at_least_float32(distance)
-            anomaly_map = warp(distance.unsqueeze(1), theta, size=image_size, padding_mode="border", inverse=True)
-            return self.blur(anomaly_map)
+            distance = at_least_float32(distance).unsqueeze(1)
+            if theta is None:  # nothing was moved: the identity warp, without a sampling grid
+                return self.blur(resize(distance, (image_size[0], image_size[1])))
+            return self.blur(warp(distance, theta, size=image_size, padding_mode="border", inverse=True))

@@ -484,7 +484,7 @@ def _pooled(model: FocusDistModel, embedding: torch.Tensor, pooled: bool) -> tor
 def _family_mean_separation(
     model: FocusDistModel,
     distances: list[torch.Tensor],
-    thetas: list[torch.Tensor],
+    thetas: list[torch.Tensor | None],
     families: list[tuple[torch.Tensor, torch.Tensor]],
     calibrated: bool,
     resamples: torch.Tensor,
@@ -496,7 +496,7 @@ def _family_mean_separation(
         model (FocusDistModel): The model (its anomaly-map generator).
         distances (list[torch.Tensor]): A candidate's distances ``(B, h, w)`` of the normal images, then of each
             family's anomalous copies.
-        thetas (list[torch.Tensor]): The total transform ``(B, 2, 3)`` of each, in the same order.
+        thetas (list[torch.Tensor | None]): The total transform ``(B, 2, 3)`` of each (``None``: none), in order.
         families (list[tuple[torch.Tensor, torch.Tensor]]): Each family's anomalous images and masks ``(B, H, W)``.
         calibrated (bool): Judge the distances cross-calibrated (:func:`cross_calibrated`).
         resamples (torch.Tensor): Image indices of each bootstrap resample, ``(R, B)``.
@@ -733,7 +733,7 @@ def _frame(gate: AlignmentGate | None, aligned: bool | None) -> Iterator[None]:
 
 
 def _maps(
-    model: FocusDistModel, distance: torch.Tensor, theta: torch.Tensor, image_size: tuple[int, int]
+    model: FocusDistModel, distance: torch.Tensor, theta: torch.Tensor | None, image_size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Image scores ``(B,)`` and anomaly maps ``(B, H, W)`` of distances on the scoring grid ``(B, h, w)``."""
     anomaly_map = model.anomaly_map_generator(distance, theta, image_size)[:, 0]

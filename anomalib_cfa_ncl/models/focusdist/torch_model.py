@@ -20,7 +20,15 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from .alignment import AlignedFeatures, SimilarityTransformer, compose_theta, feature_transformer, identity_theta, warp
+from .alignment import (
+    AlignedFeatures,
+    SimilarityTransformer,
+    compose_theta,
+    feature_transformer,
+    identity_theta,
+    resize,
+    warp,
+)
 from .anomaly_map import AnomalyMapGenerator
 from .arguments import check_model_arguments
 from .backbone import NonFiniteImages, checked_images, create_feature_extractor, feature_module
@@ -168,6 +176,11 @@ class FocusDistModel(nn.Module):
             theta = self.alignment_gate(theta)
         return warp(images, theta, padding_mode="reflection"), theta
 
+    def _moves_inputs(self) -> bool:
+        """Whether this pass applies any transform; if not, every resampling is a plain resize."""
+        image_alignment = self.image_transformer is not None and not self._input_frame_chosen()
+        return image_alignment or self.feature_transformers is not None
+
     def _input_frame_chosen(self) -> bool:
         """In evaluation, whether the gate chose the input frame: no transform to predict and no warp to run."""
         return not self.training and self.alignment_gate is not None and self.alignment_gate.chose_input_frame()
@@ -191,7 +204,7 @@ class FocusDistModel(nn.Module):
             stage_thetas = [identity_theta(images.shape[0], images.device, images.dtype)] * len(features)
         else:
             stage_thetas = [transformer.pop_theta() for transformer in self.feature_transformers.values()]
-        return AlignedFeatures(features, image_theta, stage_thetas, aligned)
+        return AlignedFeatures(features, image_theta, stage_thetas, aligned, moved=self._moves_inputs())
 
     def scoring_embedding(self, aligned: AlignedFeatures, size: tuple[int, int]) -> torch.Tensor:
         """Resample every layer into the deepest frame on the scoring grid and concatenate the kept channels.
@@ -217,7 +230,10 @@ class FocusDistModel(nn.Module):
                     padding=self.local_aggregation // 2,
                     count_include_pad=False,
                 )
-            resampled.insert(0, warp(layer_features, to_deepest, size=size, padding_mode="border"))
+            if aligned.moved:
+                resampled.insert(0, warp(layer_features, to_deepest, size=size, padding_mode="border"))
+            else:  # the identity warp, without the sampling grid (:func:`.alignment.resize`)
+                resampled.insert(0, resize(layer_features, size))
             to_deepest = compose_theta(aligned.stage_thetas[index], to_deepest)
         return self.grid_pooling(torch.cat(resampled, dim=1).index_select(1, self.feature_index))
 
@@ -225,18 +241,20 @@ class FocusDistModel(nn.Module):
         """Return the scoring grid ``(h, w)`` for an input size ``(H, W)``."""
         return (max(image_size[0] // self.map_stride, 1), max(image_size[1] // self.map_stride, 1))
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scoring embedding of images and their total transform.
 
         Args:
             images (torch.Tensor): Input images, shape ``(B, 3, H, W)``.
 
         Returns:
-            tuple[torch.Tensor, torch.Tensor]: Embedding ``(B, n_features, h, w)`` and total transform ``(B, 2, 3)``.
+            tuple[torch.Tensor, torch.Tensor | None]: Embedding ``(B, n_features, h, w)`` and total transform
+            ``(B, 2, 3)``; ``None`` when nothing was moved (the map then returns to the input's pixels by a resize).
 
         """
         aligned = self.extract_features(images)
-        return self.scoring_embedding(aligned, self.grid_size(images.shape[-2:])), aligned.total_theta()
+        embedding = self.scoring_embedding(aligned, self.grid_size(images.shape[-2:]))
+        return embedding, aligned.total_theta() if aligned.moved else None
 
     def _training_output(self, images: torch.Tensor) -> TrainingOutput:
         """What the losses need. Without NCL nothing trains through the features, so the backbone is not run."""
