@@ -301,7 +301,7 @@ class AlignedFeatures(NamedTuple):
     image_theta: torch.Tensor
     stage_thetas: list[torch.Tensor]
     aligned_images: torch.Tensor
-    moved: bool = True
+    moved: bool
 
     def total_theta(self) -> torch.Tensor:
         """Compose the image transform and all stage transforms: deepest frame to input frame, ``(B, 2, 3)``."""

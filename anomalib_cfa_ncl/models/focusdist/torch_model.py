@@ -169,21 +169,22 @@ class FocusDistModel(nn.Module):
             ``(B, 2, 3)`` (identity when image alignment is off).
 
         """
-        if self.image_transformer is None or self._input_frame_chosen():
+        return self._align_images(images, self._aligns_images())
+
+    def _aligns_images(self) -> bool:
+        """Whether this pass predicts and applies an image transform: not in the input frame the gate chose."""
+        if self.image_transformer is None or self.alignment_gate is None or self.training:
+            return self.image_transformer is not None
+        return not self.alignment_gate.chose_input_frame()
+
+    def _align_images(self, images: torch.Tensor, aligns: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`align_images` with the decision ``aligns`` of :meth:`_aligns_images` taken once by the caller."""
+        if not aligns:
             return images, identity_theta(images.shape[0], images.device, images.dtype)
         theta = self.image_transformer(images)
         if not self.training and self.alignment_gate is not None:  # the gate's decision (gate.py)
             theta = self.alignment_gate(theta)
         return warp(images, theta, padding_mode="reflection"), theta
-
-    def _moves_inputs(self) -> bool:
-        """Whether this pass applies any transform; if not, every resampling is a plain resize."""
-        image_alignment = self.image_transformer is not None and not self._input_frame_chosen()
-        return image_alignment or self.feature_transformers is not None
-
-    def _input_frame_chosen(self) -> bool:
-        """In evaluation, whether the gate chose the input frame: no transform to predict and no warp to run."""
-        return not self.training and self.alignment_gate is not None and self.alignment_gate.chose_input_frame()
 
     def extract_features(self, images: torch.Tensor) -> AlignedFeatures:
         """Run the image-level alignment, then the backbone with the feature-level alignment of every stage.
@@ -195,7 +196,10 @@ class FocusDistModel(nn.Module):
             AlignedFeatures: The features of every layer and the transforms that produced them.
 
         """
-        aligned, image_theta = self.align_images(checked_images(images, self.min_input_size, self.map_stride))
+        aligns_images = self._aligns_images()  # read once: on a GPU each read of the gate's decision synchronises
+        aligned, image_theta = self._align_images(
+            checked_images(images, self.min_input_size, self.map_stride), aligns_images
+        )
         # Feature-level alignment runs inside this call: a forward hook on each selected stage warps the stage's
         # output before the next stage consumes it (timm backbones share no stage-by-stage interface, so hooks
         # keep every one of them working). Each transformer keeps the transform it applied, collected below.
@@ -204,7 +208,8 @@ class FocusDistModel(nn.Module):
             stage_thetas = [identity_theta(images.shape[0], images.device, images.dtype)] * len(features)
         else:
             stage_thetas = [transformer.pop_theta() for transformer in self.feature_transformers.values()]
-        return AlignedFeatures(features, image_theta, stage_thetas, aligned, moved=self._moves_inputs())
+        moved = aligns_images or self.feature_transformers is not None
+        return AlignedFeatures(features, image_theta, stage_thetas, aligned, moved)
 
     def scoring_embedding(self, aligned: AlignedFeatures, size: tuple[int, int]) -> torch.Tensor:
         """Resample every layer into the deepest frame on the scoring grid and concatenate the kept channels.
