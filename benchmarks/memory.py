@@ -6,7 +6,7 @@ selection) are measured beside it. Each fit runs in a fresh process and reports 
 
 Usage:
     python benchmarks/memory.py [--sizes 200 2000] [--image-size 64] [--models FocusDist Padim Patchcore]
-        [--repeats 3] [--variant 'NAME={"patch_bank": 8192}']
+        [--repeats 3] [--variant 'NAME={"patch_bank": 4096}']
 
 Offline: the backbone is an untrained resnet18 (memory does not depend on the weights); the images are a
 synthetic MVTec-format category written to a temporary folder.

@@ -42,7 +42,7 @@ ABLATIONS = {
     "FocusDist image alignment only": {"image_alignment": True, "feature_alignment": False, "ncl": False},
     "FocusDist + feature alignment": {"image_alignment": True, "feature_alignment": True, "ncl": False},
     "FocusDist + NCL (all three stages)": {"image_alignment": True, "feature_alignment": True, "ncl": True},
-    "FocusDist + patch bank (patch_bank: 8192)": {"patch_bank": 8192},
+    "FocusDist + patch bank (patch_bank: 4096)": {"patch_bank": 4096},
 }
 
 
@@ -164,7 +164,8 @@ def run(name: str, category: str, args: argparse.Namespace) -> dict:
     if focusdist:  # the grid pooling, shrinkage, scorer and calibration chosen on the training images alone
         result["grid_pooled"] = bool(model.model.grid_pooling.enabled)
         result["covariance_shrinkage"] = model.model.gaussian.shrinkage
-        result["patch_bank_chosen"] = model.model.patch_bank.is_fitted  # the bank scores instead of the Gaussian
+        result["patch_bank_chosen"] = model.model.patch_bank.is_fitted  # the bank scores, alone or with the Gaussian
+        result["patch_bank_joined"] = model.model.patch_bank.joins_gaussian
         scorer = model.model.patch_bank if result["patch_bank_chosen"] else model.model.gaussian
         result["distance_calibrated"] = not bool((scorer.location_scale == 1).all())
     if curve:

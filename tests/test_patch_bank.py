@@ -1,6 +1,9 @@
-"""The patch bank: a bounded uniform sample of training patches, nearest-neighbour distances, the gate's choice."""
+"""The patch bank: k-means centres of a bounded uniform sample of training patches, nearest-neighbour distances,
+the gate's choice (instead of the Gaussian or joined to it)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ import torch
 from anomalib_cfa_ncl import FocusDistModel
 from anomalib_cfa_ncl.models.focusdist import gate
 from anomalib_cfa_ncl.models.focusdist.checkpoint import upgrade_checkpoint
-from anomalib_cfa_ncl.models.focusdist.patch_bank import PatchBank
+from anomalib_cfa_ncl.models.focusdist.patch_bank import PatchBank, kmeans_centres
 
 SIZE = 64
 
@@ -24,24 +27,54 @@ def _numbered_patches(batches: int, per_batch: int = 4, grid: int = 4) -> list[t
     ]
 
 
-def _sampled(batches: list[torch.Tensor], size: int) -> torch.Tensor:
+def _sampled(batches: list[torch.Tensor], size: int) -> PatchBank:
+    """A bank of ``size`` centres that has seen ``batches``, not yet finalised: its sample is ``pool``."""
     bank = PatchBank(size)
     for batch in batches:
         bank.update(batch)
-    bank.finalize()
-    return bank.bank[:, 0]
+    return bank
 
 
-def test_bank_is_a_bounded_uniform_sample_of_every_batch() -> None:
+def test_the_sample_is_bounded_and_uniform_over_every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("anomalib_cfa_ncl.models.focusdist.patch_bank.POOL_PER_CENTRE", 4)
     batches = _numbered_patches(50)  # 3,200 patches
-    numbers = _sampled(batches, 256)
-    assert numbers.shape == (256,) and numbers.unique().numel() == 256  # real patches, each once
+    numbers = _sampled(batches, 64).pool[:, 0]
+    assert numbers.shape == (256,) and numbers.unique().numel() == 256  # 4 per centre: real patches, each once
     assert bool((numbers == numbers.round()).all()) and int(numbers.min()) >= 0 and int(numbers.max()) < 3200
     # uniform over the stream, not the first or the last batches: each fifth of the patches holds about a fifth
     fifths = torch.bincount((numbers // 640).long(), minlength=5)
     assert int(fifths.min()) >= 30, fifths
-    torch.testing.assert_close(numbers, _sampled(batches, 256))  # seeded: the same sample every fit
-    assert _sampled(batches[:1], 256).shape == (64,)  # fewer patches than the size: all of them
+    torch.testing.assert_close(numbers, _sampled(batches, 64).pool[:, 0])  # seeded: the same sample every fit
+
+
+def test_the_bank_holds_k_means_centres_of_the_sample() -> None:
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 8, 6, 6, generator=generator) for _ in range(10)]  # 1,440 patches
+    bank = _sampled(batches, 32)
+    pool, keys = bank.pool, bank.pool_keys
+    assert pool is not None and keys is not None and pool.shape == (1024, 8)  # 32 patches per centre
+    start = pool[keys.argsort()[:32]]
+    bank.finalize()
+    assert bank.bank.shape == (32, 8) and bank.pool is None  # the sample is let go
+    torch.testing.assert_close(bank.bank, kmeans_centres(pool, start))
+
+    def quantisation_error(centres: torch.Tensor) -> float:
+        return float(torch.cdist(pool, centres).amin(dim=1).square().mean())
+
+    assert quantisation_error(bank.bank) < 0.9 * quantisation_error(start)  # the centres fit the patches better
+    few = _sampled(batches[:1], 256)  # 144 patches, fewer than the size: all of them, as they are
+    expected = few.pool
+    few.finalize()
+    assert expected is not None and few.bank.shape == (144, 8)
+    torch.testing.assert_close(few.bank[few.bank[:, 0].argsort()], expected[expected[:, 0].argsort()])
+
+
+def test_k_means_moves_each_centre_to_the_mean_of_its_patches() -> None:
+    patches = torch.tensor([[0.0, 0.0], [0.0, 2.0], [10.0, 0.0], [12.0, 0.0], [11.0, 3.0]])
+    centres = kmeans_centres(patches, patches[[0, 2, 4]], iterations=1)
+    torch.testing.assert_close(centres, torch.tensor([[0.0, 1.0], [11.0, 0.0], [11.0, 3.0]]))
+    lonely = kmeans_centres(patches, torch.tensor([[0.0, 0.0], [100.0, 100.0]]))
+    assert lonely[1].tolist() == [100.0, 100.0]  # a centre no patch is nearest to stays where it was
 
 
 def _bank_and_query(size: int, side: int, seed: int) -> tuple[PatchBank, torch.Tensor, torch.Tensor]:
@@ -97,14 +130,15 @@ def _model(patch_bank: int) -> FocusDistModel:
 
 
 def test_the_gate_keeps_the_bank_only_where_it_separates_better(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The bank replaces the chosen Gaussian only where its held-back separation wins in 95 % of the resamples."""
+    """The bank replaces or joins the chosen Gaussian only where it separates better in 95 % of the resamples."""
     decisions = {}
     original = gate._decide_patch_bank
     for name, gaussian_separation in (("gaussian perfect", 2.0), ("gaussian at chance", 0.0)):
         model = _model(patch_bank=64)
 
         def decide(model, scored, bank, frame, pooled, gaussian, value=gaussian_separation):
-            return original(model, scored, bank, frame, pooled, torch.full_like(gaussian, value))
+            separations = torch.full_like(gaussian.separations, value)
+            return original(model, scored, bank, frame, pooled, dataclasses.replace(gaussian, separations=separations))
 
         monkeypatch.setattr(gate, "_decide_patch_bank", decide)
         model.fit_statistics([_textures(20, seed=1)])
@@ -112,26 +146,66 @@ def test_the_gate_keeps_the_bank_only_where_it_separates_better(monkeypatch: pyt
     assert decisions == {"gaussian perfect": False, "gaussian at chance": True}
 
 
-def test_a_chosen_bank_is_built_on_all_images_scores_evaluation_and_survives_a_checkpoint(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(gate, "_share_better", lambda candidate, simpler: 1.0)  # every less simple choice wins
+def _prefer_joint(monkeypatch: pytest.MonkeyPatch, joint: bool) -> None:
+    """Make every less simple choice win, and the joined distances separate perfectly (``joint``) or at chance."""
+    monkeypatch.setattr(gate, "_share_better", lambda candidate, simpler: 1.0)
+    original = gate.joined_distances
+
+    def joined(*args: object) -> list[torch.Tensor]:
+        normal, *anomalous = original(*args)
+        if joint:  # every anomalous copy scores far above every normal image, everywhere
+            return [normal, *(distance + 1e6 for distance in anomalous)]
+        return [torch.zeros_like(normal), *(torch.zeros_like(distance) for distance in anomalous)]
+
+    monkeypatch.setattr(gate, "joined_distances", joined)
+
+
+def _fitted_with_bank(monkeypatch: pytest.MonkeyPatch, joint: bool) -> FocusDistModel:
+    """A model whose gate chose its bank of 256 centres, alone or joined to the Gaussian."""
+    _prefer_joint(monkeypatch, joint)
     model = _model(patch_bank=256).eval()
     model.fit_statistics([_textures(20, seed=1)])
-    assert model.patch_bank.bank.shape == (256, 32)  # the final bank: sampled from all 20 images, not the gate's 16
-    scale = model.patch_bank.location_scale
-    assert scale.shape == (64,) and not bool((scale == 1).all())  # calibrated by the held-back images
+    return model
+
+
+def _scored(model: FocusDistModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Three test images, the model's maps of them, their embedding and total transform."""
     test_images = _textures(3, seed=2)
     with torch.no_grad():
-        output = model(test_images)
         embedding, theta = model.embed(test_images)
-        expected = model.anomaly_map_generator(model.patch_bank.distance(embedding), theta, test_images.shape[-2:])
-    torch.testing.assert_close(output.anomaly_map, expected)
+        return test_images, model(test_images).anomaly_map, embedding, theta
 
+
+def _assert_reloads_the_same(model: FocusDistModel, test_images: torch.Tensor, maps: torch.Tensor) -> None:
     reloaded = _model(patch_bank=256).eval()
     reloaded.load_state_dict(model.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(test_images).anomaly_map, output.anomaly_map)
+        torch.testing.assert_close(reloaded(test_images).anomaly_map, maps)
+
+
+def test_a_chosen_bank_is_built_on_all_images_scores_evaluation_and_survives_a_checkpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = _fitted_with_bank(monkeypatch, joint=False)
+    assert model.patch_bank.bank.shape == (256, 32)  # the final bank: from all 20 images, not the gate's 16
+    assert not model.patch_bank.joins_gaussian
+    scale = model.patch_bank.location_scale
+    assert scale.shape == (64,) and not bool((scale == 1).all())  # calibrated by the held-back images
+    test_images, maps, embedding, theta = _scored(model)
+    with torch.no_grad():
+        expected = model.anomaly_map_generator(model.patch_bank.distance(embedding), theta, test_images.shape[-2:])
+    torch.testing.assert_close(maps, expected)
+    _assert_reloads_the_same(model, test_images, maps)
+
+    # a checkpoint written before the bank could join the Gaussian: its bank replaces the Gaussian, as it did
+    state = {f"model.{key}": value for key, value in model.state_dict().items() if "joint_weights" not in key}
+    checkpoint = {"state_dict": state}
+    upgrade_checkpoint(checkpoint)
+    older = _model(patch_bank=256).eval()
+    older.load_state_dict({key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items()})
+    assert older.patch_bank.is_fitted and not older.patch_bank.joins_gaussian
+    with torch.no_grad():
+        torch.testing.assert_close(older(test_images).anomaly_map, maps)
 
     # a checkpoint written before the bank existed scores with its Gaussian
     state = {f"model.{key}": value for key, value in model.state_dict().items() if "patch_bank" not in key}
@@ -143,6 +217,26 @@ def test_a_chosen_bank_is_built_on_all_images_scores_evaluation_and_survives_a_c
     with torch.no_grad():
         gaussian_map = model.anomaly_map_generator(model.gaussian.mahalanobis(embedding), theta, test_images.shape[-2:])
         torch.testing.assert_close(old(test_images).anomaly_map, gaussian_map)
+
+
+def test_a_bank_that_joins_the_gaussian_adds_both_distances_weighted_by_their_normal_means(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = _fitted_with_bank(monkeypatch, joint=True)
+    bank = model.patch_bank
+    assert bank.is_fitted and bank.joins_gaussian
+    gaussian_weight, bank_weight = bank.joint_weights.tolist()
+    assert 0 < gaussian_weight < 1 and bank_weight > 0  # one over a Mahalanobis distance's mean (D=32: about 6)
+    test_images, maps, embedding, theta = _scored(model)
+    with torch.no_grad():
+        gaussian, nearest = model.gaussian.mahalanobis(embedding), bank.distance(embedding)
+    joined = gaussian_weight * gaussian + bank_weight * nearest
+    torch.testing.assert_close(maps, model.anomaly_map_generator(joined, theta, test_images.shape[-2:]))
+    # both weighted distances of normal images are about 1 (the held-back images' means): each counts as much
+    assert 0.3 < float((gaussian_weight * gaussian).mean()) < 3 and 0.3 < float((bank_weight * nearest).mean()) < 3
+    _assert_reloads_the_same(model, test_images, maps)
+    with pytest.raises(ValueError, match="build the bank first"):
+        PatchBank(8).join(1.0, 1.0)
 
 
 def test_refitting_without_the_bank_empties_it(monkeypatch: pytest.MonkeyPatch) -> None:

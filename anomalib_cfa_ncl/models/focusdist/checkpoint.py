@@ -13,6 +13,7 @@ SIGNATURE_KEY = "model.gaussian.precision_scale"
 CALIBRATION_KEY = "model.gaussian.location_scale"  # 0.1.0 checkpoints lack it
 POOLING_KEY = "model.grid_pooling.enabled"  # 0.2 checkpoints lack it
 BANK_KEYS = ("model.patch_bank.bank", "model.patch_bank.location_scale")  # 0.3 checkpoints lack them
+JOINT_KEY = "model.patch_bank.joint_weights"  # checkpoints before 0.4 lack it: their bank replaced the Gaussian
 
 
 def check_checkpoint(checkpoint: dict[str, Any]) -> None:
@@ -28,14 +29,15 @@ def check_checkpoint(checkpoint: dict[str, Any]) -> None:
 def upgrade_checkpoint(checkpoint: dict[str, Any]) -> None:
     """Give a checkpoint written before the calibration, the grid pooling or the patch bank existed neutral ones.
 
-    Scores are unchanged: no calibration, no pooling, an empty bank (the Gaussian scores).
+    Scores are unchanged: no calibration, no pooling, an empty bank (the Gaussian scores), a bank that replaces the
+    Gaussian where one was chosen (before the bank could join it).
     """
     state = checkpoint["state_dict"]
     if CALIBRATION_KEY not in state:
         state[CALIBRATION_KEY] = torch.ones_like(state[SIGNATURE_KEY])
     if POOLING_KEY not in state:
         state[POOLING_KEY] = torch.zeros((), dtype=torch.bool)
-    for key in BANK_KEYS:
+    for key in (*BANK_KEYS, JOINT_KEY):
         state.setdefault(key, torch.empty(0))
 
 

@@ -20,9 +20,10 @@ positions are exchangeable, sharing the covariance's shape lends every location 
 in a fixed pose each location's own covariance can be the better one.
 
 Last, the same held-back images decide the scorer: where the model has a patch bank (:mod:`.patch_bank`), the
-nearest-neighbour distances to a uniform sample of the fitting images' patches, in the chosen frame and pooling,
-replace the chosen Gaussian if they separate the held-back images better in ``CONFIDENCE`` of the resamples. A
-texture's patches are many modes at every location, which one Gaussian per location blurs together.
+nearest-neighbour distances to k-means centres of the fitting images' patches, in the chosen frame and pooling,
+replace the chosen Gaussian or join it (the better of the two on the held-back images) if they separate the held-back
+images better than the Gaussian alone in ``CONFIDENCE`` of the resamples. A texture's patches are many modes at
+every location, which one Gaussian per location blurs together; where the location matters as well, the two join.
 
 The held-back images also calibrate the distances (``distance_calibration``): each location's distance is divided by
 the mean distance of held-back normal images there, relative to all locations (:func:`.gaussian.calibration_scale`).
@@ -307,9 +308,9 @@ def choose_scoring(
     it separates better in at least ``CONFIDENCE`` of ``RESAMPLES`` bootstrap resamples of the held-back images: a
     difference within their noise is no difference. The calibration is kept unless the uncalibrated scores separate
     better in ``CONFIDENCE`` of the resamples. Last, where ``model.patch_bank`` is a candidate (in one process), the
-    nearest-neighbour distances to a bank of patches replace the chosen Gaussian if they separate better in
-    ``CONFIDENCE`` of the resamples (:func:`_decide_patch_bank`). The chosen scorer's mean distances over all
-    held-back images are the calibration returned.
+    nearest-neighbour distances to a bank of patch prototypes replace or join the chosen Gaussian if they separate
+    better in ``CONFIDENCE`` of the resamples (:func:`_decide_patch_bank`). Each chosen scorer's mean distances over
+    all held-back images are its calibration.
     Runs in evaluation mode without gradients (inside :meth:`FocusDistModel.fit_statistics`); sets
     ``model.alignment_gate``, ``model.grid_pooling.enabled`` and ``model.gaussian.shrinkage``.
 
@@ -321,9 +322,8 @@ def choose_scoring(
             so that the synthetic defects are drawn in pixel values; ``None`` for images in pixel values.
 
     Returns:
-        tuple[torch.Tensor | None, bool]: The calibration scale per location ``(L,)`` of the chosen scorer
-        (:meth:`~.gaussian.StreamingGaussian.calibrate`; ``None`` without calibration, where it was dropped, or with
-        too few images), and whether the patch bank was chosen.
+        ScoringChoice: The Gaussian's calibration scale (``None`` without calibration, where it was dropped, or with too
+        few images) and, where the bank was chosen, its calibration and whether it joins the Gaussian.
 
     """
     shrinkages = [0.0, model.covariance_shrinkage] if model.covariance_shrinkage > 0 else [0.0]
@@ -331,7 +331,7 @@ def choose_scoring(
     scored = score_candidates(model, batches, shrinkages, reduce, normalization)
     model.gaussian.shrinkage = 0.0
     if scored is None:
-        return None, False
+        return ScoringChoice()
     chosen_frame = _decide_frame(model.alignment_gate, scored)
     in_frame = scored.separations[:, chosen_frame]  # (R + 1, poolings, shrinkages, calibrations)
     pooled = _decide_pooling(in_frame, model.grid_pooling.side)
@@ -345,12 +345,60 @@ def choose_scoring(
         scale = scored.scales[(chosen_frame * poolings + int(pooled)) * len(shrinkages) + shrinkage_index]
         scale = _decide_calibration(in_pooling[:, shrinkage_index], scale, scored.grid)
     gaussian = in_pooling[:, shrinkage_index, 0 if scale is not None else -1]  # the chosen Gaussian's separations
-    bank = scored.banks.get((scored.frames[chosen_frame], pooled))
-    if bank is not None:
-        kept, bank_scale = _decide_patch_bank(model, scored, bank, scored.frames[chosen_frame], pooled, gaussian)
-        if kept:
-            return bank_scale, True
-    return scale, False
+    frame = scored.frames[chosen_frame]
+    bank = scored.banks.get((frame, pooled))
+    if bank is None:
+        return ScoringChoice(scale)
+    chosen_gaussian = ScoredGaussian(gaussian, scored.gaussian_distances[frame, pooled, shrinkage_index], scale)
+    return ScoringChoice(scale, _decide_patch_bank(model, scored, bank, frame, pooled, chosen_gaussian))
+
+
+@dataclass
+class BankChoice:
+    """How a chosen patch bank scores.
+
+    Attributes:
+        scale (torch.Tensor | None): Its calibration scale per location ``(L,)``; ``None`` without calibration.
+        joint_weights (tuple[float, float] | None): The weights of the Gaussian's and the bank's distances where the
+            bank joins the Gaussian (one over each one's mean distance of held-back normal images); ``None`` where
+            it replaces the Gaussian.
+
+    """
+
+    scale: torch.Tensor | None
+    joint_weights: tuple[float, float] | None
+
+
+@dataclass
+class ScoringChoice:
+    """What :func:`choose_scoring` decided beyond the flags it sets on the model.
+
+    Attributes:
+        gaussian_scale (torch.Tensor | None): The Gaussian's calibration scale per location ``(L,)``; ``None``
+            without calibration.
+        bank (BankChoice | None): The patch bank's scoring, where it was chosen; ``None``: the Gaussian alone.
+
+    """
+
+    gaussian_scale: torch.Tensor | None = None
+    bank: BankChoice | None = None
+
+
+@dataclass
+class ScoredGaussian:
+    """The chosen Gaussian on the held-back images: what the patch bank must beat, and what it may join.
+
+    Attributes:
+        separations (torch.Tensor): Its separations of all held-back images, then of each resample, ``(R + 1,)``.
+        distances (list[torch.Tensor]): Its uncalibrated distances ``(B, h, w)`` of the normal held-back images,
+            then of each family's anomalous copies.
+        scale (torch.Tensor | None): Its calibration scale ``(L,)``; ``None`` where it scores uncalibrated.
+
+    """
+
+    separations: torch.Tensor
+    distances: list[torch.Tensor]
+    scale: torch.Tensor | None
 
 
 @dataclass
@@ -370,6 +418,9 @@ class ScoredCandidates:
             not yet built; empty where the bank is not a candidate (or in several processes).
         embedded (dict): Per frame, the embeddings and total transforms of the held-back images, then of each family's
             anomalous copies (:meth:`FocusDistModel.embed`, unpooled); kept only where a bank is a candidate.
+        gaussian_distances (dict): Per frame, pooling and shrinkage index, each Gaussian's uncalibrated distances
+            ``(B, h, w)`` of the held-back images, then of each family's copies; kept only where a bank is a
+            candidate (it may join the chosen one).
         families (list[tuple[torch.Tensor, torch.Tensor]]): Each family's anomalous copies and masks ``(B, H, W)``.
         resamples (torch.Tensor): Image indices of each bootstrap resample, ``(R, B)``.
 
@@ -382,6 +433,7 @@ class ScoredCandidates:
     frames: tuple[bool | None, ...]
     banks: dict[tuple[bool | None, bool], PatchBank]
     embedded: dict[bool | None, list[tuple[torch.Tensor, torch.Tensor]]]
+    gaussian_distances: dict[tuple[bool | None, bool, int], list[torch.Tensor]]
     families: list[tuple[torch.Tensor, torch.Tensor]]
     resamples: torch.Tensor
 
@@ -453,6 +505,7 @@ def score_candidates(
     calibrations = (True, False) if model.distance_calibration else (False,)
     results, scales = [], []
     kept_embeddings = {}  # for the patch bank's decision: no second backbone pass over the held-back images
+    kept_distances = {}  # the Gaussians' held-back distances, which the bank may join
     for aligned in frames:
         with _frame(gate, aligned), model.grid_pooling.off():
             embedded = [model.embed(images) for images in (normal, *(anomalous for anomalous, _ in families))]
@@ -461,8 +514,11 @@ def score_candidates(
         thetas = [theta for _, theta in embedded]
         for pooled in poolings:
             pooled_embeddings = [_pooled(model, embedding, pooled) for embedding, _ in embedded]
-            for variant in gaussians[aligned, pooled].finalize_variants(shrinkages, reduce):
+            variants = gaussians[aligned, pooled].finalize_variants(shrinkages, reduce)
+            for shrinkage_index, variant in enumerate(variants):
                 distances = [variant.mahalanobis(embedding) for embedding in pooled_embeddings]
+                if banks:
+                    kept_distances[aligned, pooled, shrinkage_index] = distances
                 scales.append(calibration_scale(_summed(distances[0], reduce), float(counts[0])))
                 for calibrated in calibrations:
                     separation = _family_mean_separation(
@@ -473,7 +529,9 @@ def score_candidates(
     total = ((reduce(total) if reduce is not None else total) / counts[0]).float()
     total = total.view(RESAMPLES + 1, len(frames), len(poolings), len(shrinkages), len(calibrations))
     grid = tuple(embedded[0][0].shape[-2:])
-    return ScoredCandidates(total, scales, int(counts[0]), grid, frames, banks, kept_embeddings, families, resamples)
+    return ScoredCandidates(
+        total, scales, int(counts[0]), grid, frames, banks, kept_embeddings, kept_distances, families, resamples
+    )
 
 
 def _pooled(model: FocusDistModel, embedding: torch.Tensor, pooled: bool) -> torch.Tensor:
@@ -596,13 +654,14 @@ def _decide_patch_bank(
     bank: PatchBank,
     frame: bool | None,
     pooled: bool,
-    gaussian: torch.Tensor,
-) -> tuple[bool, torch.Tensor | None]:
-    """Whether the patch bank replaces the chosen Gaussian: where it separates better beyond the noise.
+    gaussian: ScoredGaussian,
+) -> BankChoice | None:
+    """Whether the patch bank replaces or joins the chosen Gaussian: where it separates better beyond the noise.
 
-    The bank sampled from the fitting images in the chosen frame and pooling is built, the held-back images (their
-    embeddings from :func:`score_candidates`) are scored by it (calibrated as the Gaussian is, when
-    ``model.distance_calibration``) and compared resample by resample with the chosen Gaussian.
+    The bank sampled from the fitting images in the chosen frame and pooling is built and the held-back images (their
+    embeddings from :func:`score_candidates`) are scored by it alone and by it joined to the chosen Gaussian
+    (:func:`joined_distances`), calibrated as the Gaussian is when ``model.distance_calibration``. The better of the
+    two on all held-back images is compared resample by resample with the Gaussian alone.
 
     Args:
         model (FocusDistModel): The model, in evaluation mode.
@@ -610,11 +669,10 @@ def _decide_patch_bank(
         bank (PatchBank): The bank sampled in the chosen frame and pooling, not yet built.
         frame (bool | None): The chosen frame (``None``: the model's own).
         pooled (bool): Whether the grid pooling was chosen.
-        gaussian (torch.Tensor): The chosen Gaussian's separations, ``(RESAMPLES + 1,)``.
+        gaussian (ScoredGaussian): The chosen Gaussian on the held-back images.
 
     Returns:
-        tuple[bool, torch.Tensor | None]: Whether the bank was chosen, and then its calibration scale ``(L,)``
-        (``None`` without calibration).
+        BankChoice | None: How the bank scores where it was chosen; ``None``: the Gaussian alone.
 
     """
     bank.finalize()
@@ -622,23 +680,67 @@ def _decide_patch_bank(
     distances = [bank.distance(_pooled(model, embedding, pooled)) for embedding, _ in embedded]
     thetas = [theta for _, theta in embedded]
     calibrated = model.distance_calibration
-    separation = _family_mean_separation(model, distances, thetas, scored.families, calibrated, scored.resamples, None)
-    wins = _share_better(separation[1:], gaussian[1:])
+    alone = _family_mean_separation(model, distances, thetas, scored.families, calibrated, scored.resamples, None)
+    joint_distances = joined_distances(gaussian.distances, gaussian.scale is not None, distances, calibrated)
+    joint = _family_mean_separation(model, joint_distances, thetas, scored.families, False, scored.resamples, None)
+    joins = bool(joint[0] > alone[0])
+    separation = joint if joins else alone
+    wins = _share_better(separation[1:], gaussian.separations[1:])
     kept = wins >= CONFIDENCE
     logger.info(
-        "FocusDist: image + pixel AUROC of the held-back images is %.3f with the chosen Gaussian and %.3f with the "
-        "nearest of %d training patches, which was better in %.0f %% of %d resamples (%.0f %% needed): %s.",
-        float(gaussian[0]),
-        float(separation[0]),
+        "FocusDist: image + pixel AUROC of the held-back images is %.3f with the chosen Gaussian, %.3f with the "
+        "nearest of %d k-means centres of training patches and %.3f with both joined; the better, %s, was better "
+        "than the Gaussian in %.0f %% of %d resamples (%.0f %% needed): %s.",
+        float(gaussian.separations[0]),
+        float(alone[0]),
         bank.bank.shape[0],
+        float(joint[0]),
+        "both joined" if joins else "the centres alone",
         100 * wins,
         RESAMPLES,
         100 * CONFIDENCE,
-        "patch bank used" if kept else "Gaussian used",
+        ("patch bank joined to the Gaussian" if joins else "patch bank used") if kept else "Gaussian used",
     )
-    if not kept or not calibrated:
-        return kept, None
-    return kept, calibration_scale(distances[0].sum(dim=0), float(distances[0].shape[0]))
+    if not kept:
+        return None
+    scale = calibration_scale(distances[0].sum(dim=0), float(distances[0].shape[0])) if calibrated else None
+    if not joins:
+        return BankChoice(scale, None)
+    gaussian_normal = _calibrated_by(gaussian.distances[0], gaussian.scale)
+    bank_normal = _calibrated_by(distances[0], scale)
+    return BankChoice(scale, (1 / float(gaussian_normal.mean()), 1 / float(bank_normal.mean())))
+
+
+def joined_distances(
+    gaussian: list[torch.Tensor], gaussian_calibrated: bool, bank: list[torch.Tensor], bank_calibrated: bool
+) -> list[torch.Tensor]:
+    """Held-back distances of the Gaussian and the bank joined: each divided by its normal images' mean, then summed.
+
+    The two distances have different units (Mahalanobis and Euclidean); divided by their mean over normal images each
+    counts as much. Each is first cross-calibrated per location where it is calibrated (:func:`cross_calibrated`);
+    the two means are one number each over all held-back normal images.
+
+    Args:
+        gaussian (list[torch.Tensor]): The Gaussian's distances ``(B, h, w)`` of the normal held-back images, then of
+            each family's anomalous copies.
+        gaussian_calibrated (bool): Whether the Gaussian scores calibrated.
+        bank (list[torch.Tensor]): The bank's distances, in the same order.
+        bank_calibrated (bool): Whether the bank scores calibrated.
+
+    Returns:
+        list[torch.Tensor]: The joined distances, in the same order.
+
+    """
+    parts = []
+    for distances, calibrated in ((gaussian, gaussian_calibrated), (bank, bank_calibrated)):
+        distances = list(cross_calibrated(*distances)) if calibrated else distances
+        parts.append([distance / distances[0].mean() for distance in distances])
+    return [g + b for g, b in zip(*parts, strict=True)]
+
+
+def _calibrated_by(distance: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Distances ``(B, h, w)`` divided by a per-location scale ``(h * w,)`` (unchanged for ``None``)."""
+    return distance if scale is None else distance / scale.view(distance.shape[1:])
 
 
 def _decide_calibration(separations: torch.Tensor, scale: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor | None:

@@ -103,11 +103,11 @@ class FocusDist(ExportChecks, AnomalibModule):
             where it scores held-back training images with synthetic anomalies better than none; ``1`` never pools.
             Off by default: it raised pixel AUROC and lowered image AUROC on the development benchmark's textures
             (docs/benchmarks.md). Defaults to ``1``.
-        patch_bank (int): Size of a bank of training patches (a uniform sample) whose nearest patch gives each
-            location's distance, used instead of the Gaussian where it scores held-back training images with
-            synthetic anomalies better (textures, whose patches have many modes per location); ``0`` never builds
-            one. Off by default: where chosen, 8192 patches made the exported model 2.7x slower
-            (docs/benchmarks.md). Defaults to ``0``.
+        patch_bank (int): Number of k-means centres of training patches (of a bounded uniform sample) whose nearest
+            one gives each location's distance, used instead of the Gaussian or joined to it where that scores
+            held-back training images with synthetic anomalies better (textures, whose patches have many modes per
+            location); ``0`` never builds one. Off by default: where chosen, the search over 4096 centres costs more
+            than the rest of the exported model (docs/benchmarks.md). Defaults to ``0``.
         pre_processor (nn.Module | bool): Pre-processor, or ``True`` for the default (resize to 256, normalise).
         post_processor (nn.Module | bool): Post-processor, or ``True`` for the default.
         evaluator (Evaluator | bool): Evaluator, or ``True`` for the default metrics.

@@ -32,7 +32,7 @@ from .alignment import (
 from .anomaly_map import AnomalyMapGenerator
 from .arguments import check_model_arguments
 from .backbone import NonFiniteImages, checked_images, create_feature_extractor, feature_module
-from .gate import AlignmentGate, Reduce, choose_scoring
+from .gate import AlignmentGate, Reduce, ScoringChoice, choose_scoring
 from .gaussian import StreamingGaussian, channel_subset
 from .loss import NCLHead, TrainingOutput, at_most_grid
 from .patch_bank import PatchBank
@@ -82,9 +82,10 @@ class FocusDistModel(nn.Module):
         grid_pooling (int): Odd side of a second average pooling of the scoring embedding (a coarser map), used
             where it scores held-back training images with synthetic anomalies better than none (:mod:`.gate`);
             ``1`` never pools.
-        patch_bank (int): Size of a bank of training patches whose nearest one gives each location's distance
-            (:mod:`.patch_bank`), used instead of the Gaussian where it scores held-back training images with
-            synthetic anomalies better (:mod:`.gate`); ``0`` (the default: its search slows exports) never builds one.
+        patch_bank (int): Number of k-means centres of training patches whose nearest one gives each location's
+            distance (:mod:`.patch_bank`), used instead of the Gaussian or joined to it where that scores held-back
+            training images with synthetic anomalies better (:mod:`.gate`); ``0`` (the default: its search slows
+            exports) never builds one.
 
     Example:
         >>> model = FocusDistModel(backbone="resnet18", pre_trained=False, feature_alignment=True, ncl=True)
@@ -285,9 +286,9 @@ class FocusDistModel(nn.Module):
         """Fit what scoring needs from the training images: the alignment gate's decision, then the Gaussian.
 
         Two passes over ``batches``: the input or the aligned frame, with or without the grid pooling and covariance
-        shrinkage, and the Gaussian or the patch bank, compared on held-back images, which also give the distance
-        calibration (:func:`.gate.choose_scoring`); then the Gaussian (and the bank, where chosen) is fitted on all
-        images as chosen. One pass when there is nothing to choose or calibrate.
+        shrinkage, and the Gaussian, the patch bank or both joined, compared on held-back images, which also give the
+        distance calibration (:func:`.gate.choose_scoring`); then the Gaussian (and the bank, where chosen) is fitted
+        on all images as chosen. One pass when there is nothing to choose or calibrate.
         Runs in evaluation mode without gradients and restores the training mode.
 
         Args:
@@ -311,22 +312,24 @@ class FocusDistModel(nn.Module):
         self.eval()
         # not in inference mode: the fitted buffers must stay ordinary tensors that later training can update
         with torch.inference_mode(False), torch.no_grad():
-            scale, with_bank = None, False
-            if self._has_choices():
-                scale, with_bank = choose_scoring(self, batches, reduce, normalization)
+            choice = choose_scoring(self, batches, reduce, normalization) if self._has_choices() else ScoringChoice()
             self.gaussian.reset()
             self.patch_bank.clear()
             for images in batches:
                 embedding = self.embed(images)[0]
                 self.gaussian.update(embedding)
-                if with_bank:
+                if choice.bank is not None:
                     self.patch_bank.update(embedding)
             _check_every_process_saw_images(self.gaussian.running_sum is not None, reduce)
             self.gaussian.finalize(reduce)
-            if with_bank:
+            if choice.gaussian_scale is not None:
+                self.gaussian.calibrate(choice.gaussian_scale)
+            if choice.bank is not None:
                 self.patch_bank.finalize()
-            if scale is not None:
-                (self.patch_bank if with_bank else self.gaussian).calibrate(scale)
+                if choice.bank.scale is not None:
+                    self.patch_bank.calibrate(choice.bank.scale)
+                if choice.bank.joint_weights is not None:
+                    self.patch_bank.join(*choice.bank.joint_weights)
         self.train(was_training)
 
     def _has_choices(self) -> bool:
@@ -364,13 +367,28 @@ class FocusDistModel(nn.Module):
                 f"was fitted on {expected} locations: feed images of the training size (the pre-processor's Resize)."
             )
             raise ValueError(msg)
-        # a Python branch on the bank's shape: an exported graph holds only the scorer the gate chose
-        distance = (
-            self.patch_bank.distance(embedding) if self.patch_bank.is_fitted else self.gaussian.mahalanobis(embedding)
-        )
+        distance = self.distance(embedding)
         anomaly_map = self.anomaly_map_generator(distance, theta, images.shape[-2:])
         pred_score = anomaly_map.amax(dim=(-3, -2, -1))
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+    def distance(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Each location's distance by the scorer the gate chose: the Gaussian, the patch bank, or both joined.
+
+        Python branches on the bank's buffer shapes: an exported graph holds only the chosen scorers.
+
+        Args:
+            embedding (torch.Tensor): Scoring embedding, shape ``(B, D, h, w)``.
+
+        Returns:
+            torch.Tensor: Distances, shape ``(B, h, w)``.
+
+        """
+        if not self.patch_bank.is_fitted:
+            return self.gaussian.mahalanobis(embedding)
+        if not self.patch_bank.joins_gaussian:
+            return self.patch_bank.distance(embedding)
+        return self.patch_bank.joined(self.gaussian.mahalanobis(embedding), self.patch_bank.distance(embedding))
 
 
 def _check_every_process_saw_images(saw_images: bool, reduce: Reduce | None) -> None:
