@@ -26,9 +26,10 @@ from .precision import at_least_float32, full_precision
 
 SAMPLE_SEED = 0
 POOL_PER_CENTRE = 32  # k-means runs on a uniform sample of this many patches per centre (4,096: 92 MB at 176 channels)
-KMEANS_ITERATIONS = 10  # Lloyd steps from a random start; held-back separations settled by then
-# Distances are taken to this many bank patches at a time: a batch of 32 images at 1024 locations holds 32 x 1024 x
-# 1024 float32 (134 MB) at once instead of 8x that against the whole bank (a fixed Python loop: it unrolls in exports).
+KMEANS_ITERATIONS = 10  # Lloyd steps from a random start, as measured (other counts were not tried)
+# Distances are taken to this many bank centres at a time: a batch of 32 images at 1024 locations holds 32 x 1024 x
+# 1024 float32 (134 MB) at once instead of 4x that against 4,096 centres (a fixed Python loop: it unrolls in exports);
+# k-means assigns this many sampled patches at a time.
 CHUNK = 1024
 
 
