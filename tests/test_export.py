@@ -24,7 +24,7 @@ from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Normalize
 
 from anomalib_cfa_ncl import FocusDist
-from anomalib_cfa_ncl.models.focusdist.checkpoint import BANK_KEYS, JOINT_KEY, POOLING_KEY
+from anomalib_cfa_ncl.models.focusdist.checkpoint import BANK_KEYS, JOINT_KEY, POOLING_KEY, PROJECTION_KEYS
 from anomalib_cfa_ncl.models.focusdist.gaussian import CPU_LOCATION_CHUNK
 
 from .helpers import IMAGE_SIZE, export_ir, tiny_datamodule
@@ -63,7 +63,8 @@ def cuda_checkpoint(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) 
     built from ImageNet weights in a local file that this machine does not have. Its gate chose the image
     alignment, the grid pooling and the patch bank joined to the Gaussian (the tiny model holds back too few images to
     choose anything), so that its export carries all of them: the bank holds the Gaussian's means, real feature
-    vectors, with a calibration scale per location, and both distances are weighted."""
+    vectors, on 8 of their directions (a projection), with a calibration scale per location, and both distances are
+    weighted."""
     content = torch.load(checkpoint, map_location="cpu", weights_only=False)
     content["hyper_parameters"].update(
         pre_trained=True, backbone_weights="/training-machine/resnet18.safetensors", grid_pooling=5
@@ -71,9 +72,11 @@ def cuda_checkpoint(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) 
     state = content["state_dict"]
     state[POOLING_KEY] = torch.ones((), dtype=torch.bool)
     state[GATE_KEY] = torch.ones((), dtype=torch.bool)  # the image alignment kept: its graph warps the input
-    locations = state["model.gaussian.mean"].shape[0]
-    state[BANK_KEYS[0]] = state["model.gaussian.mean"].clone()
-    state[BANK_KEYS[1]] = torch.linspace(0.8, 1.2, locations)
+    means = state["model.gaussian.mean"].float()  # (locations, D)
+    directions = torch.linalg.qr(torch.randn(means.shape[1], 8, generator=torch.Generator().manual_seed(0)))[0].T
+    state[PROJECTION_KEYS[0]], state[PROJECTION_KEYS[1]] = directions, means.mean(dim=0)  # searched in 8 directions
+    state[BANK_KEYS[0]] = (means - means.mean(dim=0)) @ directions.T
+    state[BANK_KEYS[1]] = torch.linspace(0.8, 1.2, means.shape[0])
     state[JOINT_KEY] = torch.tensor([0.3, 2.0])
     path = tmp_path_factory.mktemp("cuda_checkpoint") / "model.ckpt"
     with storages_tagged("cuda:0"):
@@ -181,6 +184,7 @@ def test_cuda_checkpoint_exports_static_ir_on_cpu(
     pooled.model.grid_pooling.enabled.fill_(True)
     with_bank = FocusDist.load_from_checkpoint(cuda_checkpoint, map_location="cpu").eval()
     assert with_bank.model.patch_bank.joins_gaussian and with_bank.model.grid_pooling.enabled
+    assert with_bank.model.patch_bank.projection.shape[0] == 8
     assert with_bank.model.alignment_gate.enabled
     expected = [torch_predict(with_bank, image) for image in images]
     for other in (reference, pooled):  # the pooling and the bank change the maps, so the IR must carry both

@@ -11,7 +11,7 @@ import torch
 from anomalib_cfa_ncl import FocusDistModel
 from anomalib_cfa_ncl.models.focusdist import gate
 from anomalib_cfa_ncl.models.focusdist.checkpoint import upgrade_checkpoint
-from anomalib_cfa_ncl.models.focusdist.patch_bank import PatchBank, kmeans_centres
+from anomalib_cfa_ncl.models.focusdist.patch_bank import PatchBank, kmeans_centres, principal_directions
 
 SIZE = 64
 
@@ -112,6 +112,37 @@ def test_a_bank_of_several_chunks_gives_the_nearest_patch_of_all(monkeypatch: py
     torch.testing.assert_close(bank.distance(embedding), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_the_bank_searches_on_the_samples_principal_directions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Patches of more channels than ``DIMENSIONS`` are projected: the bank, its k-means and its search."""
+    monkeypatch.setattr("anomalib_cfa_ncl.models.focusdist.patch_bank.DIMENSIONS", 3)
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.tensor([5.0, 0.1, 4.0, 0.1, 0.1, 3.0, 0.1, 0.1]).view(1, 8, 1, 1)  # three channels carry it
+    bank = _sampled([torch.randn(4, 8, 6, 6, generator=generator) * spread for _ in range(5)], 16)
+    pool = bank.pool
+    assert pool is not None
+    bank.finalize()
+    projection = bank.projection
+    assert projection.shape == (3, 8) and bank.bank.shape == (16, 3)
+    torch.testing.assert_close(projection @ projection.T, torch.eye(3), atol=1e-5, rtol=0)  # orthonormal rows
+    assert set(projection.abs().argmax(dim=1).tolist()) == {0, 2, 5}  # the directions of largest variance
+    assert float(projection[:, [1, 3, 4, 6, 7]].abs().max()) < 0.1
+    torch.testing.assert_close(bank.patch_mean, pool.mean(dim=0))
+    # the distance in all channels to the nearest centre lifted back onto the principal subspace through the mean
+    lifted = bank.patch_mean + bank.bank @ projection  # (16, 8)
+    embedding = torch.randn(2, 8, 6, 6, generator=generator) * spread
+    embedding[0, 1, 2, 2] = 50.0  # far off the subspace, in a direction the bank does not search: it still counts
+    patches = embedding.permute(0, 2, 3, 1).reshape(2, 36, 8)
+    expected = torch.cdist(patches, lifted[None].expand(2, -1, -1)).amin(dim=2).view(2, 6, 6)
+    torch.testing.assert_close(bank.distance(embedding), expected, atol=1e-4, rtol=1e-4)
+    assert float(bank.distance(embedding)[0, 2, 2]) > 45
+    reloaded = PatchBank(16)
+    reloaded.load_state_dict(bank.state_dict())
+    torch.testing.assert_close(reloaded.distance(embedding), bank.distance(embedding))
+    assert principal_directions(pool, 8).numel() == 0  # as many directions as channels: no projection
+    bank.clear()
+    assert bank.projection.numel() == 0 and bank.patch_mean.numel() == 0
+
+
 def test_a_negative_size_is_refused() -> None:
     with pytest.raises(ValueError, match="0 turns the bank off"):
         FocusDistModel(backbone="resnet18", pre_trained=False, patch_bank=-1)
@@ -197,8 +228,11 @@ def test_a_chosen_bank_is_built_on_all_images_scores_evaluation_and_survives_a_c
     torch.testing.assert_close(maps, expected)
     _assert_reloads_the_same(model, test_images, maps)
 
-    # a checkpoint written before the bank could join the Gaussian: its bank replaces the Gaussian, as it did
-    state = {f"model.{key}": value for key, value in model.state_dict().items() if "joint_weights" not in key}
+    # a checkpoint written before the bank could join the Gaussian or be projected (its 32 channels are fewer than
+    # the projection's directions: no projection here either): its bank replaces the Gaussian, in every channel
+    assert model.patch_bank.projection.numel() == 0
+    dropped = ("joint_weights", "projection", "patch_mean")
+    state = {f"model.{key}": value for key, value in model.state_dict().items() if not key.endswith(dropped)}
     checkpoint = {"state_dict": state}
     upgrade_checkpoint(checkpoint)
     older = _model(patch_bank=256).eval()

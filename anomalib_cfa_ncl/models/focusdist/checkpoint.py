@@ -14,6 +14,8 @@ CALIBRATION_KEY = "model.gaussian.location_scale"  # 0.1.0 checkpoints lack it
 POOLING_KEY = "model.grid_pooling.enabled"  # 0.2 checkpoints lack it
 BANK_KEYS = ("model.patch_bank.bank", "model.patch_bank.location_scale")  # 0.3 checkpoints lack them
 JOINT_KEY = "model.patch_bank.joint_weights"  # checkpoints before 0.4 lack it: their bank replaced the Gaussian
+# checkpoints before 0.5 lack them: their bank searched every channel
+PROJECTION_KEYS = ("model.patch_bank.projection", "model.patch_bank.patch_mean")
 
 
 def check_checkpoint(checkpoint: dict[str, Any]) -> None:
@@ -30,14 +32,14 @@ def upgrade_checkpoint(checkpoint: dict[str, Any]) -> None:
     """Give a checkpoint written before the calibration, the grid pooling or the patch bank existed neutral ones.
 
     Scores are unchanged: no calibration, no pooling, an empty bank (the Gaussian scores), a bank that replaces the
-    Gaussian where one was chosen (before the bank could join it).
+    Gaussian where one was chosen (before the bank could join it), a bank in every channel (before its projection).
     """
     state = checkpoint["state_dict"]
     if CALIBRATION_KEY not in state:
         state[CALIBRATION_KEY] = torch.ones_like(state[SIGNATURE_KEY])
     if POOLING_KEY not in state:
         state[POOLING_KEY] = torch.zeros((), dtype=torch.bool)
-    for key in (*BANK_KEYS, JOINT_KEY):
+    for key in (*BANK_KEYS, JOINT_KEY, *PROJECTION_KEYS):
         state.setdefault(key, torch.empty(0))
 
 
