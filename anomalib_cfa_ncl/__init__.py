@@ -15,4 +15,4 @@ if DatasetChecks not in FocusDist.run_callbacks:
     FocusDist.run_callbacks.append(DatasetChecks)
 
 __all__ = ["FocusDist", "FocusDistModel"]
-__version__ = "0.4.0"
+__version__ = "0.5.0"

@@ -42,7 +42,8 @@ ABLATIONS = {
     "FocusDist image alignment only": {"image_alignment": True, "feature_alignment": False, "ncl": False},
     "FocusDist + feature alignment": {"image_alignment": True, "feature_alignment": True, "ncl": False},
     "FocusDist + NCL (all three stages)": {"image_alignment": True, "feature_alignment": True, "ncl": True},
-    "FocusDist + patch bank (patch_bank: 4096)": {"patch_bank": 4096},
+    "FocusDist without patch bank (patch_bank: 0)": {"patch_bank": 0},
+    "FocusDist fast preset (image_alignment: false, patch_bank: 0)": {"image_alignment": False, "patch_bank": 0},
 }
 
 

@@ -84,8 +84,7 @@ class FocusDistModel(nn.Module):
             ``1`` never pools.
         patch_bank (int): Number of k-means centres of training patches whose nearest one gives each location's
             distance (:mod:`.patch_bank`), used instead of the Gaussian or joined to it where that scores held-back
-            training images with synthetic anomalies better (:mod:`.gate`); ``0`` (the default: its search slows
-            exports) never builds one.
+            training images with synthetic anomalies better (:mod:`.gate`); ``0`` never builds one.
 
     Example:
         >>> model = FocusDistModel(backbone="resnet18", pre_trained=False, feature_alignment=True, ncl=True)
@@ -116,7 +115,7 @@ class FocusDistModel(nn.Module):
         distance_calibration: bool = True,
         blur_sigma: float = 4.0,
         grid_pooling: int = 1,
-        patch_bank: int = 0,
+        patch_bank: int = 4096,
     ) -> None:
         super().__init__()
         layers = list(layers) if layers is not None else ["layer1", "layer2", "layer3"]
