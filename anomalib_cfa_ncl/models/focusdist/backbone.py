@@ -235,8 +235,8 @@ class NonFiniteImages:
     into score 1.0, label anomalous and a full mask. Both hooks are traced into the exported graph. In PyTorch the
     broken images are zeroed first (the input checks then pass); an exported graph has no input checks and lets
     them through as they are: no evaluation step mixes the images of a batch, so their NaNs stay in their own rows
-    until their outputs are replaced, and the graph saves a pass over every input pixel (a Select that cost 1 ms per
-    image of the 256x256 OpenVINO model's 14).
+    until their outputs are replaced. The graph saves a Select over every input pixel: it took 1.0 ms per 256x256
+    image in OpenVINO, of which the input clamp it had absorbed now takes 0.6 ms alone.
     """
 
     def __init__(self) -> None:

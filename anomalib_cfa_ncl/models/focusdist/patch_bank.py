@@ -140,8 +140,7 @@ class PatchBank(DynamicBufferMixin):
         if self.pool is None or self.pool_keys is None:
             msg = "FocusDist saw no training image: give a training set with at least one normal image."
             raise ValueError(msg)
-        self.projection = principal_directions(self.pool, DIMENSIONS)
-        self.patch_mean = self.pool.mean(dim=0) if self.projection.numel() else self.pool.new_empty(0)
+        self.projection, self.patch_mean = principal_directions(self.pool, DIMENSIONS)
         pool = self.coordinates(self.pool)[0]
         start = pool[self.pool_keys.argsort()[: self.size]]  # a uniform random subset of the sample
         self.bank = kmeans_centres(pool, start)
@@ -209,24 +208,30 @@ class PatchBank(DynamicBufferMixin):
         return distance.reshape(batch, height, width)
 
 
-def principal_directions(patches: torch.Tensor, dimensions: int) -> torch.Tensor:
-    """The ``dimensions`` directions along which ``patches`` ``(N, D)`` vary most, ``(dimensions, D)``, float32.
+def principal_directions(patches: torch.Tensor, dimensions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``dimensions`` directions along which ``patches`` ``(N, D)`` vary most, and the patches' mean.
 
-    Empty, ``(0,)``, where ``dimensions >= D``: the patches keep their channels.
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: The directions ``(dimensions, D)`` and the mean ``(D,)``, float32; both
+        empty, ``(0,)``, where ``dimensions >= D``: the patches keep their channels.
 
     Example:
         >>> patches = torch.tensor([[0.0, 0.0], [4.0, 0.1], [8.0, 0.0]])
-        >>> principal_directions(patches, 1).abs().round(decimals=2)
-        tensor([[1., 0.]])
+        >>> directions, mean = principal_directions(patches, 1)
+        >>> directions.abs().round(decimals=2), mean.round(decimals=2)
+        (tensor([[1., 0.]]), tensor([4.0000, 0.0300]))
 
     """
     if dimensions >= patches.shape[1]:
-        return patches.new_empty(0)
+        return patches.new_empty(0), patches.new_empty(0)
     mean = patches.mean(dim=0)
     # summed in float64 (131,072 patches at 4,096 centres), a chunk at a time: no float64 copy of the whole sample
-    scatter = sum((chunk - mean).double().T @ (chunk - mean).double() for chunk in patches.split(CHUNK))
+    scatter = patches.new_zeros(patches.shape[1], patches.shape[1], dtype=torch.float64)
+    for chunk in patches.split(CHUNK):
+        centred = (chunk - mean).double()
+        scatter += centred.T @ centred
     directions = torch.linalg.eigh(scatter).eigenvectors  # by ascending variance
-    return directions[:, -dimensions:].flip(1).T.float()
+    return directions[:, -dimensions:].flip(1).T.float(), mean
 
 
 def kmeans_centres(patches: torch.Tensor, start: torch.Tensor, iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
