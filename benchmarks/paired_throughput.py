@@ -16,14 +16,15 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import openvino as ov
+from export_common import compile_openvino
 
-CONFIG = {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1}
+CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": "1"}
 
 
-def images_per_second(compiled: ov.CompiledModel, inputs: np.ndarray, calls: int) -> float:
+def images_per_second(compiled: Any, inputs: np.ndarray, calls: int) -> float:
     """Images per second over ``calls`` calls of one batch."""
     start = time.perf_counter()
     for _ in range(calls):
@@ -41,8 +42,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args()
-    core = ov.Core()
-    compiled = {path: core.compile_model(str(path), "CPU", CONFIG) for path in (args.model, args.reference)}
+    compiled = {path: compile_openvino(path, CONFIG, threads=1) for path in (args.model, args.reference)}
     inputs = np.random.default_rng(0).random((args.batch, 3, args.size, args.size), dtype=np.float32)
     for model in compiled.values():
         images_per_second(model, inputs, 3)  # warm-up
